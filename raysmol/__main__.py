@@ -1,0 +1,3 @@
+from raysmol.cli import main
+
+main()

@@ -1,0 +1,93 @@
+"""raysmol VERB [CONFIG] [key.sub=value ...]"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from raysmol.config import ConfigError, load_config
+
+
+def _config_args(p: argparse.ArgumentParser, optional: bool) -> None:
+    p.add_argument("config", nargs="?" if optional else None, default=None,
+                   help="YAML config (default: the embedded jobs/tiny.yaml)" if optional else "YAML config")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override config values (parsed as YAML)")
+
+
+def _split(args) -> tuple[str | None, list[str]]:
+    # `raysmol pretrain train.steps=10` (no config): the first positional is an override, not a file.
+    if args.config is not None and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
+        return None, [args.config, *args.overrides]
+    return args.config, list(args.overrides)
+
+
+def cmd_config(args) -> int:
+    from raysmol.model import flops_per_token, param_count
+
+    cfg = load_config(*_split(args))
+    info = {"config": cfg.to_dict(), "parameters": param_count(cfg), "flops_per_token": flops_per_token(cfg),
+            "derived": {"samples_per_step": cfg.train.samples_per_step(),
+                        "grad_accum": cfg.train.grad_accum(cfg.train.num_workers),
+                        "vocab_size": cfg.vocab_size(),
+                        "total_tokens": cfg.train.steps * cfg.train.global_batch_tokens}}
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    print(cfg.to_yaml().rstrip())
+    print("---")
+    print(f"parameters:         {info['parameters']:,}")
+    print(f"FLOPs per token:    {info['flops_per_token']:,.0f}")
+    for k, v in info["derived"].items():
+        print(f"{k + ':':<20}{v:,}")
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    from raysmol.data.prepare import prepare
+    from raysmol.data.tokenizer import resolve_tokenizer
+    from raysmol.train.launch import _local_cache, init_ray
+
+    cfg = load_config(*_split(args))
+    init_ray()
+    tok = resolve_tokenizer(cfg.tokenizer.name, _local_cache(cfg), builtin_vocab_size=cfg.tokenizer.vocab_size)
+    for s in prepare(cfg, tok):
+        sp = s.manifest["splits"]
+        print(f"{s.name}: {sp['train']['docs']:,} docs, {sp['train']['tokens']:,} tokens "
+              f"(+{sp['val']['tokens']:,} validation), skipped {s.manifest['skipped']} -> {s.uri}")
+    return 0
+
+
+def cmd_pretrain(args) -> int:
+    from raysmol.train.launch import pretrain
+
+    cfg = load_config(*_split(args))
+    summary = pretrain(cfg)
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="raysmol", description="Train small LLMs on Ray (Smol Training Playbook).")
+    sub = parser.add_subparsers(dest="verb", required=True)
+    p = sub.add_parser("config", help="print the resolved config, parameter count and FLOPs per token; runs nothing")
+    _config_args(p, optional=True)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_config)
+    p = sub.add_parser("prepare", help="tokenize and shard the config's data sources with Ray Data")
+    _config_args(p, optional=True)
+    p.set_defaults(fn=cmd_prepare)
+    p = sub.add_parser("pretrain", help="pretrain on Ray Train + DeepSpeed (default: the embedded tiny job)")
+    _config_args(p, optional=True)
+    p.set_defaults(fn=cmd_pretrain)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from raysmol.data.prepare import DataError
+    from raysmol.data.tokenizer import TokenizerError
+
+    try:
+        sys.exit(args.fn(args))
+    except (ConfigError, DataError, TokenizerError) as e:
+        print(f"raysmol: error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,363 @@
+"""Typed configuration: dataclasses are the source of truth, YAML only supplies values.
+
+A config file is a YAML mapping whose keys mirror the dataclasses below. `key.sub=value` overrides
+(values parsed as YAML) are applied on top. Unknown keys, wrong types and impossible values raise
+`ConfigError` naming the key and where it came from (the file, or "command line"). Values that follow
+from others (gradient accumulation, samples per step, vocabulary size of the built-in tokenizer) are
+derived here, never written twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "jobs" / "tiny.yaml"
+
+
+class ConfigError(ValueError):
+    """A config value is unknown, of the wrong type or impossible; the message names key and origin."""
+
+
+@dataclass
+class RunSection:
+    name: str = "tiny"
+    # Run directory is <output_dir>/<name>/: a local path or an object-store URI (s3://...).
+    output_dir: str = "runs"
+
+
+@dataclass
+class ModelConfig:
+    arch: Literal["llama", "smollm3"] = "llama"
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    # num_kv_heads == num_heads is MHA, 1 is MQA, anything in between GQA.
+    num_kv_heads: int = 2
+    intermediate_size: int = 512
+    max_position_embeddings: int = 2048
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = True
+    # SmolLM3: every k-th layer has no rotary embedding (NoPE). 0 = RoPE everywhere. Needs arch=smollm3.
+    nope_every: int = 0
+    # None = the tokenizer's size (known without loading it for the built-in tokenizer).
+    vocab_size: int | None = None
+    rms_norm_eps: float = 1e-5
+    init_std: float = 0.02
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+
+
+@dataclass
+class TokenizerConfig:
+    # "builtin" (byte-level BPE trained on the embedded corpus), a local folder/tokenizer.json, or a hub repo id.
+    name: str = "builtin"
+    # Only used for the built-in tokenizer.
+    vocab_size: int = 8192
+
+
+@dataclass
+class SourceConfig:
+    name: str = ""
+    # A file, folder or glob; local, s3://, hf://; or builtin:prose|builtin:code|builtin:arithmetic.
+    path: str = ""
+    weight: float = 0.0
+    format: Literal["auto", "jsonl", "parquet", "text"] = "auto"
+    text_field: str = "text"
+
+
+@dataclass
+class DataConfig:
+    sources: list[SourceConfig] = field(default_factory=list)
+    # Seed of the mixture order and of the per-epoch document orders of sources that wrap.
+    seed: int = 1234
+    # Prepared token shards live under <cache_dir>/prepared/<hash of inputs>/ (local path or s3://).
+    cache_dir: str = "~/.cache/raysmol"
+    # Share of documents (by content hash) held out for validation loss.
+    val_fraction: float = 0.01
+    # Attention never crosses a document boundary and positions restart per document (SmolLM3).
+    intra_doc_masking: bool = True
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int = 30
+    # Final learning rate as a fraction of lr (cosine and wsd).
+    min_lr_ratio: float = 0.1
+    # wsd only: the share of steps spent in the final linear decay.
+    decay_fraction: float = 0.2
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    global_batch_tokens: int = 2048
+    micro_batch_size: int = 8
+    seq_len: int = 128
+    num_workers: int = 2
+    use_gpu: bool = False
+    zero_stage: int = 2
+    # auto = bf16 on GPUs, fp32 on CPUs.
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    seed: int = 0
+    log_every: int = 1
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    # Validation loss every N steps (0 = only before the first and after the last step).
+    eval_every: int = 0
+    eval_batches: int = 4
+    # Peak FLOP/s per device for MFU; None = looked up from the GPU name (no MFU on CPU).
+    peak_flops: float | None = None
+    # torch threads per worker on CPU: logical Ray CPUs may exceed physical cores.
+    cpu_threads_per_worker: int = 1
+
+    def samples_per_step(self) -> int:
+        return self.global_batch_tokens // self.seq_len
+
+    def grad_accum(self, world_size: int) -> int:
+        """Gradient accumulation that keeps the global batch fixed at this world size."""
+        per_pass = self.micro_batch_size * self.seq_len * world_size
+        if self.global_batch_tokens % per_pass:
+            raise ConfigError(
+                f"train.global_batch_tokens={self.global_batch_tokens} is not a multiple of "
+                f"micro_batch_size*seq_len*world_size = {self.micro_batch_size}*{self.seq_len}*{world_size} = {per_pass}"
+            )
+        return self.global_batch_tokens // per_pass
+
+
+@dataclass
+class Config:
+    run: RunSection = field(default_factory=RunSection)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    # Where the values came from, for error messages; not part of the config itself.
+    origin: str = field(default="<defaults>", compare=False, repr=False)
+
+    def vocab_size(self) -> int:
+        if self.model.vocab_size is not None:
+            return self.model.vocab_size
+        if self.tokenizer.name == "builtin":
+            return self.tokenizer.vocab_size
+        raise ConfigError(
+            f"{self.origin}: model.vocab_size is required when tokenizer.name is not 'builtin' "
+            f"(set it to the size of {self.tokenizer.name!r})"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("origin")
+        return d
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML file (default: the embedded `jobs/tiny.yaml`), apply `key.sub=value` overrides, validate."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    cfg = _build(Config, raw, "", str(path))
+    for item in overrides:
+        apply_override(cfg, item)
+    cfg.origin = str(path)
+    validate(cfg)
+    return cfg
+
+
+def from_dict(raw: dict[str, Any], origin: str = "<dict>") -> Config:
+    cfg = _build(Config, raw, "", origin)
+    cfg.origin = origin
+    validate(cfg)
+    return cfg
+
+
+def apply_override(cfg: Config, item: str) -> None:
+    """Apply one `a.b.c=value` (list items by index: `data.sources.0.weight=0.5`)."""
+    where = "command line"
+    if "=" not in item:
+        raise ConfigError(f"{where}: override {item!r} must look like key.sub=value")
+    key, text = item.split("=", 1)
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: {key}: cannot parse value {text!r}: {e}") from e
+    parts = key.strip().split(".")
+    obj: Any = cfg
+    for i, part in enumerate(parts[:-1]):
+        obj = _child(obj, part, ".".join(parts[: i + 1]), where)
+    last = parts[-1]
+    full = key.strip()
+    if isinstance(obj, list):
+        idx = _index(obj, last, full, where)
+        obj[idx] = _build(type(obj[idx]), value, full, where)
+        return
+    hints = typing.get_type_hints(type(obj))
+    if last not in hints or last == "origin":
+        raise ConfigError(_unknown(full, type(obj), where))
+    setattr(obj, last, _convert(hints[last], value, full, where))
+
+
+def _child(obj: Any, part: str, key: str, where: str) -> Any:
+    if isinstance(obj, list):
+        return obj[_index(obj, part, key, where)]
+    if not dataclasses.is_dataclass(obj) or part not in {f.name for f in dataclasses.fields(obj)} or part == "origin":
+        raise ConfigError(_unknown(key, type(obj), where))
+    return getattr(obj, part)
+
+
+def _index(lst: list, part: str, key: str, where: str) -> int:
+    if not part.isdigit() or int(part) >= len(lst):
+        raise ConfigError(f"{where}: {key}: list index must be 0..{len(lst) - 1}, got {part!r}")
+    return int(part)
+
+
+def _unknown(key: str, cls: type, where: str) -> str:
+    valid = ", ".join(f.name for f in dataclasses.fields(cls) if f.name != "origin")
+    return f"{where}: unknown key {key!r}; valid keys here: {valid}"
+
+
+def _build(cls: type, raw: Any, prefix: str, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: {prefix or '<top>'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)} - {"origin"}
+    kwargs = {}
+    for key, value in raw.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise ConfigError(_unknown(full, cls, where))
+        kwargs[key] = _convert(hints[key], value, full, where)
+    return cls(**kwargs)
+
+
+def _convert(tp: Any, value: Any, key: str, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(inner[0], value, key, where)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {key}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: {key}: expected a list, got {value!r}")
+        return [_convert(args[0], v, f"{key}.{i}", where) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key, where)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: {key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: {key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        # YAML reads 3e-4 as a string (no dot in the mantissa); accept it as a number.
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: {key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: {key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp!r} for {key}")
+
+
+# ---------------------------------------------------------------- validation
+
+
+def validate(cfg: Config) -> None:
+    """Impossible values are errors that say which key and what would be valid."""
+    w = cfg.origin
+    m, t, o, d = cfg.model, cfg.train, cfg.optim, cfg.data
+
+    def need(ok: bool, key: str, msg: str) -> None:
+        if not ok:
+            raise ConfigError(f"{w}: {key}: {msg}")
+
+    for key in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "max_position_embeddings"):
+        need(getattr(m, key) > 0, f"model.{key}", f"must be positive, got {getattr(m, key)}")
+    need(m.hidden_size % m.num_heads == 0, "model.num_heads",
+         f"hidden_size {m.hidden_size} must be divisible by num_heads {m.num_heads}")
+    need(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads",
+         f"num_heads {m.num_heads} must be divisible by num_kv_heads {m.num_kv_heads} (1 = MQA, num_heads = MHA)")
+    need(m.nope_every >= 0, "model.nope_every", f"must be >= 0, got {m.nope_every}")
+    need(m.nope_every == 0 or m.arch == "smollm3", "model.nope_every",
+         "NoPE layers need model.arch: smollm3")
+    need(m.rope_theta > 0, "model.rope_theta", f"must be positive, got {m.rope_theta}")
+    need(m.vocab_size is None or m.vocab_size > 0, "model.vocab_size", f"must be positive, got {m.vocab_size}")
+    need(cfg.tokenizer.vocab_size >= 256 + 1, "tokenizer.vocab_size",
+         f"a byte-level BPE needs at least 257 entries, got {cfg.tokenizer.vocab_size}")
+
+    for key in ("steps", "global_batch_tokens", "micro_batch_size", "seq_len", "num_workers",
+                "log_every", "checkpoint_every", "keep_checkpoints", "eval_batches", "cpu_threads_per_worker"):
+        need(getattr(t, key) > 0, f"train.{key}", f"must be positive, got {getattr(t, key)}")
+    need(t.eval_every >= 0, "train.eval_every", f"must be >= 0, got {t.eval_every}")
+    need(t.zero_stage in (0, 1, 2, 3), "train.zero_stage", f"must be 0, 1, 2 or 3, got {t.zero_stage}")
+    need(t.seq_len <= m.max_position_embeddings, "train.seq_len",
+         f"{t.seq_len} exceeds what the model can hold (model.max_position_embeddings={m.max_position_embeddings})")
+    need(not (t.precision == "bf16" and not t.use_gpu), "train.precision", "bf16 needs train.use_gpu: true; use auto or fp32")
+    per_worker = t.micro_batch_size * t.seq_len * t.num_workers
+    need(t.global_batch_tokens % per_worker == 0, "train.global_batch_tokens",
+         f"{t.global_batch_tokens} is not a multiple of micro_batch_size*seq_len*num_workers = {per_worker}; "
+         f"nearest valid: {max(per_worker, round(t.global_batch_tokens / per_worker) * per_worker)}")
+    need(t.peak_flops is None or t.peak_flops > 0, "train.peak_flops", f"must be positive, got {t.peak_flops}")
+
+    need(o.lr > 0, "optim.lr", f"must be positive, got {o.lr}")
+    need(0 <= o.warmup_steps < t.steps, "optim.warmup_steps", f"must be in [0, train.steps={t.steps}), got {o.warmup_steps}")
+    need(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
+    need(0 < o.decay_fraction <= 1, "optim.decay_fraction", f"must be in (0, 1], got {o.decay_fraction}")
+    need(o.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0 = off), got {o.grad_clip}")
+    need(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1/beta2", "must be in [0, 1)")
+
+    need(len(d.sources) > 0, "data.sources", "at least one source is needed")
+    names = set()
+    for i, s in enumerate(d.sources):
+        k = f"data.sources.{i}"
+        need(bool(s.name), f"{k}.name", "every source needs a name")
+        need(s.name not in names, f"{k}.name", f"duplicate source name {s.name!r}")
+        names.add(s.name)
+        need(bool(s.path), f"{k}.path", f"source {s.name!r} needs a path")
+        need(s.weight >= 0, f"{k}.weight", f"source {s.name!r} has a negative weight {s.weight}; weights must be >= 0")
+    need(sum(s.weight for s in d.sources) > 0, "data.sources.*.weight", "weights sum to zero; at least one must be > 0")
+    need(0 <= d.val_fraction < 0.5, "data.val_fraction", f"must be in [0, 0.5), got {d.val_fraction}")

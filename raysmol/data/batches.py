@@ -1,0 +1,62 @@
+"""Per-rank micro-batches from the global data cursor. The only state is the step.
+
+Step t's global batch is samples [t*B, (t+1)*B) of the mixture (B = global_batch_tokens / seq_len).
+Micro-batch a of rank r takes samples t*B + (a*W + r)*m + [0, m): every world size W sees the same global
+batch, so an elastic restart changes only the order of the gradient reduction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from raysmol.data.mixture import Mixture
+from raysmol.data.store import TokenStream
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [m, L]
+    labels: torch.Tensor  # [m, L]
+    position_ids: torch.Tensor  # [m, L]
+    sources: np.ndarray  # [m] source index of each row
+    epochs: np.ndarray  # [m] epoch of each row's source stream
+
+    def to(self, device: torch.device | str) -> "Batch":
+        nb = torch.device(device).type == "cuda"
+        return Batch(self.input_ids.to(device, non_blocking=nb), self.labels.to(device, non_blocking=nb),
+                     self.position_ids.to(device, non_blocking=nb), self.sources, self.epochs)
+
+
+class Batches:
+    def __init__(self, streams: list[TokenStream], weights: list[float], seed: int, seq_len: int,
+                 samples_per_step: int, intra_doc_masking: bool = True):
+        if len(streams) != len(weights):
+            raise ValueError("one stream per mixture weight")
+        self.streams = streams
+        self.mixture = Mixture(weights, seed)
+        self.seq_len = seq_len
+        self.samples_per_step = samples_per_step
+        self.intra_doc_masking = intra_doc_masking
+
+    def samples(self, g: np.ndarray) -> Batch:
+        """The packed sequences of global sample indices `g`."""
+        src, k = self.mixture.locate(g)
+        windows = [self.streams[s].window(int(i), self.seq_len) for s, i in zip(src, k)]
+        tokens = torch.from_numpy(np.stack([w.tokens for w in windows]))
+        if self.intra_doc_masking:
+            positions = np.stack([w.positions for w in windows])
+        else:
+            positions = np.broadcast_to(np.arange(self.seq_len), (len(windows), self.seq_len)).copy()
+        return Batch(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), torch.from_numpy(positions),
+                     src, np.asarray([w.epoch for w in windows]))
+
+    def micro_batches(self, step: int, rank: int, world: int, micro: int) -> list[Batch]:
+        per_pass = world * micro
+        if self.samples_per_step % per_pass:
+            raise ValueError(f"{self.samples_per_step} samples per step do not split into {world} ranks x {micro}")
+        base = step * self.samples_per_step
+        return [self.samples(base + (a * world + rank) * micro + np.arange(micro))
+                for a in range(self.samples_per_step // per_pass)]

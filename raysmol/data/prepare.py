@@ -1,0 +1,337 @@
+"""`raysmol prepare`: Ray Data reads, cleans, tokenizes and writes token shards, content-addressed.
+
+Each source is cut into work items (byte ranges of jsonl/text files, row groups of parquet files) so that
+even one large file spreads over the cluster. Ray Data streams the items through a pool of tokenizer actors;
+each actor reads its item straight from storage, drops empty documents and invalid lines (counted, never
+fatal), tokenizes, appends EOS, routes a content-hashed share of documents to the validation split and writes
+its shard straight back to storage, so tokens never pass through the driver. The driver only collects the
+per-item counts, in order, and writes the manifests; `manifest.json` at the source root is written last
+and marks the preparation complete.
+
+The output folder is `<cache_dir>/prepared/<source>-<hash of inputs>/`, the hash covering the files
+(path, size, mtime), the reading options, the tokenizer identity and this module's version: preparing again
+with the same inputs finds the manifest and does nothing.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import io
+import json
+import logging
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.fs as pafs
+
+from raysmol import storage
+from raysmol.config import Config, SourceConfig
+
+log = logging.getLogger(__name__)
+
+PREPARE_VERSION = 1
+_EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".txt": "text", ".md": "text"}
+_ITEM_BYTES = 4 << 20
+
+
+class DataError(ValueError):
+    """A data source cannot be read or holds nothing; the message names the source and the path."""
+
+
+@dataclass
+class PreparedSource:
+    name: str
+    uri: str  # the content-addressed folder (local path or object-store URI)
+    manifest: dict[str, Any]
+
+    def split_dir(self, split: str) -> Path:
+        """A local folder holding the split (object-store folders are copied to a node-local cache once)."""
+        return local_copy(storage.join(self.uri, split))
+
+
+# ---------------------------------------------------------------- locating files
+
+
+def _hf_filesystem() -> pafs.FileSystem:
+    # Real clusters read the hub's datasets (hf://datasets/<repo>/<path>) through huggingface_hub's fsspec
+    # implementation, wrapped so the rest of this module sees one pyarrow filesystem API.
+    from huggingface_hub import HfFileSystem
+
+    return pafs.PyFileSystem(pafs.FSSpecHandler(HfFileSystem()))
+
+
+def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    if uri.startswith("hf://"):
+        return _hf_filesystem(), uri[len("hf://"):]
+    return storage.filesystem(uri)
+
+
+def resolve_files(src: SourceConfig, cache_dir: str) -> tuple[list[str], str, str]:
+    """(files, format, filesystem URI prefix) of a source; a missing or empty path is a DataError."""
+    if src.path.startswith("builtin:"):
+        from raysmol.data.corpus import build_default_corpus
+
+        which = src.path.split(":", 1)[1]
+        corpus = build_default_corpus(os.path.expanduser(cache_dir) if not storage.is_remote(cache_dir) else
+                                      os.path.expanduser("~/.cache/raysmol"))
+        if which not in corpus:
+            raise DataError(f"source {src.name!r}: unknown built-in corpus {src.path!r}; valid: "
+                            + ", ".join(f"builtin:{k}" for k in corpus))
+        return [str(corpus[which])], "jsonl", ""
+    path = src.path if (storage.is_remote(src.path) or src.path.startswith("hf://")) else os.path.expanduser(src.path)
+    prefix = path.split("://", 1)[0] + "://" if "://" in path else ""
+    try:
+        fs, base = _filesystem(path)
+        files = _list_files(fs, base)
+    except (OSError, ValueError) as e:
+        raise DataError(f"source {src.name!r}: cannot read {src.path!r}: {e}") from e
+    if not files:
+        raise DataError(f"source {src.name!r}: no data files at {src.path!r} "
+                        f"(expected a file, folder or glob of {', '.join(sorted(_EXTENSIONS))} files)")
+    fmt = src.format
+    if fmt == "auto":
+        kinds = {_EXTENSIONS.get(Path(f).suffix) for f in files}
+        if None in kinds or len(kinds) != 1:
+            raise DataError(f"source {src.name!r}: cannot infer the format of {src.path!r} from file names "
+                            f"({sorted(set(Path(f).suffix for f in files))}); set format: jsonl, parquet or text")
+        fmt = kinds.pop()
+    return files, fmt, prefix
+
+
+def _list_files(fs: pafs.FileSystem, base: str) -> list[str]:
+    if any(c in base for c in "*?["):
+        root = base[: min(base.index(c) for c in "*?[" if c in base)].rsplit("/", 1)[0]
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+        return sorted(i.path for i in infos if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, base))
+    info = fs.get_file_info(base)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"{base} does not exist")
+    if info.type == pafs.FileType.File:
+        return [base]
+    infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
+    return sorted(i.path for i in infos if i.type == pafs.FileType.File and Path(i.path).suffix in _EXTENSIONS)
+
+
+# ---------------------------------------------------------------- work items
+
+
+def work_items(files: list[str], fmt: str, prefix: str) -> list[dict[str, Any]]:
+    """Byte ranges (jsonl, text) or row groups (parquet), in a fixed order."""
+    fs, _ = _filesystem(prefix + files[0]) if prefix else (pafs.LocalFileSystem(), "")
+    items: list[dict[str, Any]] = []
+    for f in files:
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            with fs.open_input_file(f) as fh:
+                n = pq.ParquetFile(fh).num_row_groups
+            items += [{"file": f, "start": g, "end": g + 1} for g in range(n)]
+        else:
+            size = fs.get_file_info(f).size
+            items += [{"file": f, "start": s, "end": min(s + _ITEM_BYTES, size)} for s in range(0, max(size, 1), _ITEM_BYTES)]
+    for i, it in enumerate(items):
+        it["index"] = i
+    return items
+
+
+def _fingerprint(src: SourceConfig, files: list[str], fmt: str, prefix: str, tokenizer_id: str, val_fraction: float) -> str:
+    fs, _ = _filesystem(prefix + files[0]) if prefix else (pafs.LocalFileSystem(), "")
+    stats = [(f, i.size, i.mtime_ns) for f, i in zip(files, fs.get_file_info(files))]
+    key = json.dumps([PREPARE_VERSION, src.path, fmt, src.text_field, stats, tokenizer_id, val_fraction], default=str)
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- the per-item work (runs in Ray Data actors)
+
+
+def read_documents(fs: pafs.FileSystem, item: dict[str, Any], fmt: str, text_field: str) -> tuple[list[str], dict[str, int]]:
+    """The documents of one work item, and counts of what was skipped."""
+    skipped = {"empty": 0, "invalid_utf8": 0, "invalid_json": 0}
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        with fs.open_input_file(item["file"]) as fh:
+            col = pq.ParquetFile(fh).read_row_group(item["start"], columns=[text_field]).column(0).to_pylist()
+        docs = []
+        for t in col:
+            if not isinstance(t, str) or not t.strip():
+                skipped["empty"] += 1
+            else:
+                docs.append(t)
+        return docs, skipped
+    docs = []
+    for raw in _lines(fs, item):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            skipped["invalid_utf8"] += 1
+            continue
+        if fmt == "jsonl":
+            if not line.strip():
+                continue  # blank separator lines are not documents
+            try:
+                text = json.loads(line).get(text_field)
+            except (json.JSONDecodeError, AttributeError):
+                skipped["invalid_json"] += 1
+                continue
+        else:
+            text = line
+        if not isinstance(text, str) or not text.strip():
+            skipped["empty"] += 1
+        else:
+            docs.append(text)
+    return docs, skipped
+
+
+def _lines(fs: pafs.FileSystem, item: dict[str, Any]) -> list[bytes]:
+    """Lines whose first byte lies in [start, end): each line belongs to exactly one byte range."""
+    start, end = item["start"], item["end"]
+    with fs.open_input_file(item["file"]) as fh:
+        size = fh.size()
+        lo = max(start - 1, 0)
+        fh.seek(lo)
+        data = fh.read(end - lo)
+        while not data.endswith(b"\n") and fh.tell() < size:
+            more = fh.read(1 << 16)
+            cut = more.find(b"\n")
+            data += more if cut < 0 else more[: cut + 1]
+            if cut >= 0:
+                break
+    if start > 0:
+        # The previous range owns the line that straddles `start` (unless `start` begins a line).
+        nl = data.find(b"\n")
+        data = data[nl + 1 :] if nl >= 0 else b""
+    return data.splitlines()
+
+
+class _Tokenize:
+    """Ray Data actor: one work item in, one train shard and one validation shard out (plus counts)."""
+
+    def __init__(self, tokenizer_json: str, eos_id: int, fmt: str, text_field: str, val_fraction: float,
+                 out_uri: str, prefix: str, dtype: str):
+        from tokenizers import Tokenizer
+
+        self.tok = Tokenizer.from_str(tokenizer_json)
+        self.eos_id, self.fmt, self.text_field = eos_id, fmt, text_field
+        self.val_cut = int(val_fraction * 2**32)
+        self.out_uri, self.prefix, self.dtype = out_uri, prefix, np.dtype(dtype)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        rows: dict[str, list] = {}
+        for i in range(len(batch["index"])):
+            item = {k: (v[i].item() if hasattr(v[i], "item") else v[i]) for k, v in batch.items()}
+            for k, v in self.process(item).items():
+                rows.setdefault(k, []).append(v)
+        return rows
+
+    def process(self, item: dict[str, Any]) -> dict[str, int]:
+        fs, path = _filesystem(self.prefix + item["file"]) if self.prefix else (pafs.LocalFileSystem(), item["file"])
+        docs, skipped = read_documents(fs, {**item, "file": path}, self.fmt, self.text_field)
+        encoded = self.tok.encode_batch_fast(docs, add_special_tokens=False) if docs else []
+        splits: dict[str, list[list[int]]] = {"train": [], "val": []}
+        for text, enc in zip(docs, encoded):
+            is_val = zlib.crc32(text.encode("utf-8")) < self.val_cut
+            splits["val" if is_val else "train"].append(enc.ids + [self.eos_id])
+        out = {"index": item["index"], **skipped}
+        for split, seqs in splits.items():
+            lens = np.fromiter((len(s) for s in seqs), dtype=np.int32, count=len(seqs))
+            tokens = np.fromiter((t for s in seqs for t in s), dtype=self.dtype, count=int(lens.sum()))
+            if len(seqs):
+                name = f"{item['index']:06d}"
+                _save_npy(storage.join(self.out_uri, split, f"{name}.tokens.npy"), tokens)
+                _save_npy(storage.join(self.out_uri, split, f"{name}.lens.npy"), lens)
+            out[f"{split}_docs"], out[f"{split}_tokens"] = len(seqs), int(lens.sum())
+        return out
+
+
+def _save_npy(uri: str, arr: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    storage.write_bytes(uri, buf.getvalue())
+
+
+# ---------------------------------------------------------------- the driver
+
+
+def prepare(cfg: Config, tokenizer, *, show_progress: bool = True) -> list[PreparedSource]:
+    """Prepare every source of `cfg` (those already prepared are reused); returns them in config order."""
+    return [prepare_source(src, cfg, tokenizer, show_progress=show_progress) for src in cfg.data.sources]
+
+
+def prepare_source(src: SourceConfig, cfg: Config, tokenizer, *, show_progress: bool = True) -> PreparedSource:
+    cache = cfg.data.cache_dir if storage.is_remote(cfg.data.cache_dir) else os.path.expanduser(cfg.data.cache_dir)
+    files, fmt, prefix = resolve_files(src, cfg.data.cache_dir)
+    key = _fingerprint(src, files, fmt, prefix, tokenizer.identity, cfg.data.val_fraction)
+    uri = storage.join(cache, "prepared", f"{src.name}-{key}")
+    manifest_uri = storage.join(uri, "manifest.json")
+    if storage.exists(manifest_uri):
+        log.info("source %s: already prepared at %s", src.name, uri)
+        return PreparedSource(src.name, uri, json.loads(storage.read_text(manifest_uri)))
+
+    import ray
+
+    items = work_items(files, fmt, prefix)
+    dtype = "uint16" if tokenizer.vocab_size <= 2**16 else "uint32"
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # counts come back in item order, which is the stream order
+    ctx.enable_progress_bars = show_progress
+    n_actors = max(1, min(len(items), int(ray.cluster_resources().get("CPU", 1))))
+    rows = (
+        ray.data.from_items(items, override_num_blocks=len(items))
+        .map_batches(
+            _Tokenize,
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n_actors),
+            fn_constructor_kwargs=dict(
+                tokenizer_json=tokenizer.json_path.read_text(), eos_id=tokenizer.eos_id, fmt=fmt,
+                text_field=src.text_field, val_fraction=cfg.data.val_fraction, out_uri=uri, prefix=prefix, dtype=dtype),
+            # The tokenizer's own thread pool would fight the other actors for the same cores.
+            runtime_env={"env_vars": {"RAYON_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}},
+        )
+        .take_all()
+    )
+    rows.sort(key=lambda r: r["index"])
+    manifest = _write_manifests(uri, src, files, fmt, tokenizer, rows, dtype)
+    if manifest["splits"]["train"]["tokens"] == 0:
+        raise DataError(f"source {src.name!r}: no text in {src.path!r} ({manifest['skipped']}); "
+                        f"check the path, the format ({fmt}) and the text field ({src.text_field!r})")
+    return PreparedSource(src.name, uri, manifest)
+
+
+def _write_manifests(uri: str, src: SourceConfig, files: list[str], fmt: str, tokenizer, rows: list[dict], dtype: str) -> dict:
+    splits = {}
+    for split in ("train", "val"):
+        shards = [{"tokens": f"{r['index']:06d}.tokens.npy", "lens": f"{r['index']:06d}.lens.npy",
+                   "docs": r[f"{split}_docs"], "num_tokens": r[f"{split}_tokens"]} for r in rows if r[f"{split}_docs"]]
+        summary = {"docs": sum(s["docs"] for s in shards), "tokens": sum(s["num_tokens"] for s in shards)}
+        storage.write_text(storage.join(uri, split, "manifest.json"), json.dumps({**summary, "dtype": dtype, "shards": shards}))
+        splits[split] = summary
+    manifest = {
+        "version": PREPARE_VERSION,
+        "source": src.name,
+        "inputs": {"path": src.path, "files": files, "format": fmt, "text_field": src.text_field},
+        "tokenizer": {"spec": tokenizer.spec, "identity": tokenizer.identity, "eos_id": tokenizer.eos_id,
+                      "vocab_size": tokenizer.vocab_size},
+        "splits": splits,
+        "skipped": {k: sum(r[k] for r in rows) for k in ("empty", "invalid_utf8", "invalid_json")},
+    }
+    if splits["train"]["tokens"]:
+        storage.write_text(storage.join(uri, "manifest.json"), json.dumps(manifest, indent=1))  # last: marks completion
+    return manifest
+
+
+def local_copy(uri: str) -> Path:
+    """A local folder with the contents of `uri`; object-store folders are downloaded once per node."""
+    if not storage.is_remote(uri):
+        return Path(uri)
+    dest = Path(os.path.expanduser("~/.cache/raysmol/remote")) / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    if not (dest / "manifest.json").exists():
+        tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
+        storage.download_dir(uri, tmp)
+        os.replace(tmp, dest) if not dest.exists() else None
+    return dest

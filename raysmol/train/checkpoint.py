@@ -1,0 +1,113 @@
+"""Checkpoint layout, commit and validation; HF export. No Ray here: launch/loop hand folders to Ray Train.
+
+A checkpoint folder holds DeepSpeed's files from every rank under `ds/` and `state.json`, which rank 0
+writes after every rank has finished its files. state.json lists the SHA-256 of every file, so a folder
+whose files are missing or damaged (a torn upload, a crash mid-save) is recognised and never loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DS_TAG = "ds"
+STATE_FILE = "state.json"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_checksums(folder: Path) -> dict[str, str]:
+    """Checksums of every file under `folder`, keyed by relative path (state.json excluded)."""
+    out = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            p = Path(root) / name
+            rel = p.relative_to(folder).as_posix()
+            if rel != STATE_FILE:
+                out[rel] = sha256(p)
+    return out
+
+
+def save(engine, folder: Path, state: dict[str, Any]) -> None:
+    """Every rank calls this: DeepSpeed files first, then (rank 0) state.json with all ranks' checksums."""
+    import torch.distributed as dist
+
+    folder.mkdir(parents=True, exist_ok=True)
+    engine.save_checkpoint(str(folder), tag=DS_TAG, save_latest=False)
+    mine = file_checksums(folder)
+    gathered: list[dict[str, str] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    if dist.get_rank() == 0:
+        files: dict[str, str] = {}
+        for part in gathered:
+            files.update(part or {})
+        _write_json(folder / STATE_FILE, {**state, "files": files})
+
+
+def verify(folder: Path) -> dict[str, Any]:
+    """state.json of a complete, undamaged checkpoint; CheckpointError naming the problem otherwise."""
+    state_path = folder / STATE_FILE
+    if not state_path.exists():
+        raise CheckpointError(f"{folder}: no {STATE_FILE} (the save never finished)")
+    state = json.loads(state_path.read_text())
+    for rel, digest in state["files"].items():
+        p = folder / rel
+        if not p.exists():
+            raise CheckpointError(f"{folder}: {rel} is missing")
+        if sha256(p) != digest:
+            raise CheckpointError(f"{folder}: {rel} does not match its checksum in {STATE_FILE}")
+    return state
+
+
+def load(engine, folder: Path) -> dict[str, Any]:
+    state = verify(folder)
+    engine.load_checkpoint(str(folder), tag=DS_TAG, load_module_strict=True,
+                           load_optimizer_states=True, load_lr_scheduler_states=True)
+    return state
+
+
+def rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state().tolist()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+
+
+def full_state_dict(engine) -> dict[str, torch.Tensor] | None:
+    """The whole model's weights on rank 0 (None elsewhere); every rank must call it (ZeRO-3 gathers)."""
+    import torch.distributed as dist
+
+    if engine.zero_optimization_stage() == 3:
+        sd = engine._zero3_consolidated_16bit_state_dict()  # collective; returns the dict on rank 0 only
+        return sd if dist.get_rank() == 0 else None
+    if dist.get_rank() != 0:
+        return None
+    return {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+
+
+def export_hf(model, state_dict: dict[str, torch.Tensor], folder: Path) -> None:
+    """save_pretrained with float32 weights (the master copy; bf16 training keeps fp32 masters)."""
+    sd = {k: v.float() for k, v in state_dict.items()}
+    model.save_pretrained(str(folder), state_dict=sd)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)

@@ -1,0 +1,205 @@
+"""Ray glue for pretraining: tokenizer and data preparation, TorchTrainer, progress, run directory."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+import ray
+
+from raysmol import storage
+from raysmol.config import Config, ConfigError
+from raysmol.data.prepare import prepare
+from raysmol.data.tokenizer import resolve_tokenizer
+from raysmol.model import flops_per_token, param_count
+from raysmol.train.loop import train_func
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Join the cluster in RAY_ADDRESS (as under `ray job submit`), else start a local one."""
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+    else:
+        # Logical CPUs may exceed physical cores: each worker pins torch to cpu_threads_per_worker threads.
+        ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=True)
+
+
+@ray.remote(num_cpus=0)
+class Progress:
+    """Rank 0 pushes metrics here (fire and forget); the driver polls them for the bar and metrics.jsonl."""
+
+    def __init__(self):
+        self.rows: list[dict[str, Any]] = []
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        self.rows.append(metrics)
+
+    def since(self, i: int) -> list[dict[str, Any]]:
+        return self.rows[i:]
+
+
+class MetricsFile:
+    """metrics.jsonl in the run directory: appended locally, rewritten whole on object storage."""
+
+    def __init__(self, uri: str):
+        self.uri, self.rows = uri, []
+        if storage.exists(uri):
+            self.rows = [json.loads(line) for line in storage.read_text(uri).splitlines() if line.strip()]
+
+    def add(self, rows: list[dict[str, Any]]) -> None:
+        self.rows += rows
+        storage.write_text(self.uri, "".join(json.dumps(r) + "\n" for r in self.rows))
+
+
+def run_dir(cfg: Config) -> str:
+    out = cfg.run.output_dir if storage.is_remote(cfg.run.output_dir) else os.path.abspath(os.path.expanduser(cfg.run.output_dir))
+    return storage.join(out, cfg.run.name)
+
+
+def pretrain(cfg: Config, *, show_progress: bool = True) -> dict[str, Any]:
+    """Prepare data if needed, train on Ray Train + DeepSpeed, export, and write the run directory."""
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    init_ray()
+    tok = resolve_tokenizer(cfg.tokenizer.name, _local_cache(cfg), builtin_vocab_size=cfg.tokenizer.vocab_size)
+    if tok.vocab_size > cfg.vocab_size():
+        raise ConfigError(f"{cfg.origin}: model.vocab_size={cfg.vocab_size()} is smaller than the tokenizer "
+                          f"{cfg.tokenizer.name!r} ({tok.vocab_size} tokens)")
+    sources = prepare(cfg, tok, show_progress=show_progress)
+    rd = run_dir(cfg)
+    storage.makedirs(rd)
+    storage.write_text(storage.join(rd, "config.yaml"), cfg.to_yaml())
+
+    progress = Progress.remote()
+    loop_config = {
+        "config": cfg.to_dict(),
+        "train_dirs": [str(s.split_dir("train")) for s in sources],
+        "val_dirs": [str(s.split_dir("val")) if s.manifest["splits"]["val"]["tokens"] else None for s in sources],
+        "eos_id": tok.eos_id,
+        "progress": progress,
+        "hf_uri": storage.join(rd, "hf"),
+    }
+    storage_path, storage_fs = storage.ray_storage(rd)
+    t = cfg.train
+    trainer = TorchTrainer(
+        train_func,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                     resources_per_worker=None if t.use_gpu else {"CPU": 1}),
+        run_config=RunConfig(name="checkpoints", storage_path=storage_path, storage_filesystem=storage_fs,
+                             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints)),
+    )
+    metrics = MetricsFile(storage.join(rd, "metrics.jsonl"))
+    started = time.time()
+    result = _fit_with_progress(trainer, progress, metrics, t.steps, show_progress)
+    wall = time.time() - started
+
+    for f in sorted(tok.hf_dir.iterdir()):  # tokenizer files beside the weights rank 0 exported
+        if f.is_file() and not f.name.startswith("_"):
+            storage.write_bytes(storage.join(rd, "hf", f.name), f.read_bytes())
+    summary = _summary(cfg, metrics.rows, wall, result, rd, sources)
+    storage.write_text(storage.join(rd, "summary.json"), json.dumps(summary, indent=1))
+    _plot(metrics.rows, rd)
+    return summary
+
+
+def _local_cache(cfg: Config) -> str:
+    d = cfg.data.cache_dir
+    return os.path.expanduser("~/.cache/raysmol") if storage.is_remote(d) else os.path.expanduser(d)
+
+
+def _fit_with_progress(trainer, progress, metrics: MetricsFile, total: int, show: bool):
+    from tqdm import tqdm
+
+    box: dict[str, Any] = {}
+
+    def fit():
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as e:  # re-raised on the main thread
+            box["error"] = e
+
+    th = threading.Thread(target=fit, daemon=True)
+    th.start()
+    bar = tqdm(total=total, desc="pretrain", unit="step", disable=not show, dynamic_ncols=True)
+    seen = len(metrics.rows)
+    last_flush = 0.0
+    pending: list[dict[str, Any]] = []
+    while True:
+        alive = th.is_alive()
+        rows = ray.get(progress.since.remote(seen))
+        seen += len(rows)
+        pending += rows
+        for r in rows:
+            if "loss" in r:
+                bar.n = r["step"]
+                bar.set_postfix(loss=f"{r['loss']:.3f}", tok_s=f"{r['tokens_per_s']:.0f}", refresh=False)
+                bar.refresh()
+        if pending and (not alive or time.time() - last_flush > 5):
+            metrics.add(pending)
+            pending, last_flush = [], time.time()
+        if not alive:
+            break
+        time.sleep(0.5)
+    bar.close()
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+def _summary(cfg: Config, rows: list[dict], wall: float, result, rd: str, sources) -> dict[str, Any]:
+    train_rows = [r for r in rows if "loss" in r]
+    val = [r for r in rows if r.get("val_loss") is not None]
+    ckpt = result.checkpoint.path if result.checkpoint else None
+    return {
+        "run": cfg.run.name,
+        "steps": train_rows[-1]["step"] if train_rows else 0,
+        "tokens": train_rows[-1]["tokens"] if train_rows else 0,
+        "first_loss": train_rows[0]["loss"] if train_rows else None,
+        "last_loss": train_rows[-1]["loss"] if train_rows else None,
+        "initial_val_loss": val[0]["val_loss"] if val else None,
+        "final_val_loss": val[-1]["val_loss"] if val else None,
+        "wall_time_s": wall,
+        "parameters": param_count(cfg),
+        "flops_per_token": flops_per_token(cfg),
+        "checkpoint": (storage.join(rd, "checkpoints", os.path.basename(ckpt)) if ckpt else None),
+        "export": storage.join(rd, "hf"),
+        "data": {s.name: {"prepared": s.uri, "tokens": s.manifest["splits"]["train"]["tokens"],
+                          "epochs": train_rows[-1]["epochs"].get(str(i)) if train_rows else 0,
+                          "wrapped": bool(train_rows and train_rows[-1]["epochs"].get(str(i), 0) > 1),
+                          "skipped": s.manifest["skipped"]}
+                 for i, s in enumerate(sources)},
+    }
+
+
+def _plot(rows: list[dict], rd: str) -> None:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    train = [r for r in rows if "loss" in r]
+    val = [r for r in rows if r.get("val_loss") is not None]
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss", lw=1)
+    ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    storage.write_bytes(storage.join(rd, "plots", "loss.png"), buf.getvalue())

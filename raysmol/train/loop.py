@@ -1,0 +1,215 @@
+"""The one training loop (runs in every Ray Train worker): objective-agnostic, state = the step."""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from raysmol.config import Config, from_dict
+from raysmol.data.batches import Batches
+from raysmol.data.store import TokenStream
+from raysmol.model import build_model, flops_per_token
+from raysmol.train import checkpoint as ckpt
+from raysmol.train.objectives import OBJECTIVES
+from raysmol.train.schedule import lr_multiplier
+
+# Dense bf16 peak FLOP/s per GPU, for MFU when train.peak_flops is not set.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "B200": 2250e12, "A100": 312e12, "A800": 312e12,
+              "L40S": 362e12, "L4": 121e12, "A10G": 125e12}
+
+
+def deepspeed_config(cfg: Config, world: int) -> dict[str, Any]:
+    t = cfg.train
+    stage3 = {"stage3_gather_16bit_weights_on_model_save": True} if t.zero_stage == 3 else {}
+    return {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum(world),
+        "train_batch_size": t.micro_batch_size * t.grad_accum(world) * world,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": t.zero_stage, **stage3},
+        "bf16": {"enabled": precision(cfg) == "bf16"},
+        # torch.optim.AdamW is passed in: DeepSpeed's own AdamW compiles a CPU FusedAdam (~80 s) and changes the numbers.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+    }
+
+
+def precision(cfg: Config) -> str:
+    return ("bf16" if cfg.train.use_gpu else "fp32") if cfg.train.precision == "auto" else cfg.train.precision
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """No weight decay on norms, biases and embeddings (the usual LLM recipe, as in OLMo and nanotron)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or "embed" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _init_distributed(cfg: Config):
+    import sys
+
+    import deepspeed
+    import deepspeed.comm.torch  # noqa: F401  (`deepspeed.comm.torch` as an attribute is the torch package)
+
+    if not cfg.train.use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        # DeepSpeed compiles a shared-memory op (~55 s) that only tensor-parallel inference uses.
+        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+        torch.set_num_threads(cfg.train.cpu_threads_per_worker)
+    deepspeed.init_distributed(dist_backend="nccl" if cfg.train.use_gpu else "gloo")
+    return deepspeed
+
+
+def train_func(loop_config: dict[str, Any]) -> None:
+    """Ray Train worker entry point. `loop_config`: config (dict), train_dirs, val_dirs, eos_id, progress."""
+    import ray.train
+
+    cfg = from_dict(loop_config["config"], origin="run config")
+    deepspeed = _init_distributed(cfg)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device(f"cuda:{ray.train.torch.get_device().index}") if cfg.train.use_gpu else torch.device("cpu")
+    t = cfg.train
+    weights = [s.weight for s in cfg.data.sources]
+    batches = Batches([TokenStream(d, cfg.data.seed) for d in loop_config["train_dirs"]], weights, cfg.data.seed,
+                      t.seq_len, t.samples_per_step(), cfg.data.intra_doc_masking)
+    val = _val_batches(cfg, loop_config["val_dirs"], weights)
+
+    model = build_model(cfg, loop_config["eos_id"], seed=t.seed)
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(o, t.steps))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=deepspeed_config(cfg, world))
+    objective = OBJECTIVES["causal_lm"]
+
+    state = {"step": 0, "tokens": 0}
+    restored = ray.train.get_checkpoint()
+    if restored:
+        with restored.as_directory() as d:
+            state = ckpt.load(engine, Path(d))
+        ckpt.set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
+    progress = loop_config.get("progress")
+    tpf = flops_per_token(cfg)
+    peak = t.peak_flops or (_gpu_peak() if t.use_gpu else None)
+
+    if state["step"] == 0:
+        _log(progress, rank, {"step": 0, "tokens": 0, "val_loss": evaluate(engine, val, cfg, rank, world, device)})
+    for step in range(state["step"], t.steps):
+        start = time.perf_counter()
+        losses = []
+        for mb in batches.micro_batches(step, rank, world, t.micro_batch_size):
+            mb = mb.to(device)
+            loss, _ = objective(engine, mb)
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.detach())
+        state = {"step": step + 1, "tokens": (step + 1) * t.global_batch_tokens}
+        last = step + 1 == t.steps
+        if (step + 1) % t.log_every == 0 or last:
+            elapsed = time.perf_counter() - start  # the mean below syncs, which is the point of logging
+            loss_mean = _mean_across_ranks(torch.stack(losses).mean())
+            tps = t.global_batch_tokens / elapsed
+            metrics = {"step": step + 1, "tokens": state["tokens"], "loss": loss_mean, "grad_norm": _grad_norm(engine),
+                       "lr": engine.get_lr()[0], "step_time": elapsed, "tokens_per_s": tps,
+                       "tokens_per_s_per_worker": tps / world,
+                       "mfu": tps * tpf / (peak * world) if peak else None,
+                       "epochs": _epochs(batches, step)}
+            if (t.eval_every and (step + 1) % t.eval_every == 0) or last:
+                metrics["val_loss"] = evaluate(engine, val, cfg, rank, world, device)
+            _log(progress, rank, metrics)
+        if (step + 1) % t.checkpoint_every == 0 or last:
+            _save_and_report(engine, cfg, state, rank, world)
+
+    sd = ckpt.full_state_dict(engine)
+    if rank == 0:
+        _export(model, sd, loop_config["hf_uri"])
+    dist.barrier()
+
+
+def _val_batches(cfg: Config, val_dirs: list[str | None], weights: list[float]) -> Batches | None:
+    """Validation windows from the held-out documents of every source that has some (seed: data.seed + 1)."""
+    pairs = [(TokenStream(d, cfg.data.seed), w) for d, w in zip(val_dirs, weights) if d is not None and w > 0]
+    if not pairs:
+        return None
+    return Batches([p[0] for p in pairs], [p[1] for p in pairs], cfg.data.seed + 1, cfg.train.seq_len,
+                   cfg.train.samples_per_step(), cfg.data.intra_doc_masking)
+
+
+@torch.no_grad()
+def evaluate(engine, val: Batches | None, cfg: Config, rank: int, world: int, device) -> float | None:
+    """Mean loss over the same eval_batches x samples_per_step held-out samples at any world size."""
+    if val is None:
+        return None
+    n = cfg.train.eval_batches * cfg.train.samples_per_step()
+    mine = np.arange(rank, n, world)
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    engine.eval()
+    for chunk in np.array_split(mine, max(1, math.ceil(len(mine) / cfg.train.micro_batch_size))):
+        if len(chunk) == 0:
+            continue
+        b = val.samples(chunk).to(device)
+        loss, _ = OBJECTIVES["causal_lm"](engine, b)
+        total += torch.stack([loss.double() * len(chunk), torch.tensor(float(len(chunk)), dtype=torch.float64, device=device)])
+    engine.train()
+    dist.all_reduce(total)
+    return float(total[0] / total[1])
+
+
+def _mean_across_ranks(x: torch.Tensor) -> float:
+    x = x.detach().double().clone()
+    dist.all_reduce(x)
+    return float(x) / dist.get_world_size()
+
+
+def _grad_norm(engine) -> float | None:
+    g = engine.get_global_grad_norm()
+    if g is None:
+        return None
+    g = float(g)
+    return g if math.isfinite(g) else float("nan")
+
+
+def _epochs(batches: Batches, step: int) -> dict[str, float]:
+    """How many passes over each source's token stream the run has made by the end of this step."""
+    counts = batches.mixture.counts((step + 1) * batches.samples_per_step)
+    return {str(i): float(c * batches.seq_len / s.total) for i, (c, s) in enumerate(zip(counts, batches.streams))}
+
+
+def _gpu_peak() -> float | None:
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def _log(progress, rank: int, metrics: dict[str, Any]) -> None:
+    if rank == 0 and progress is not None:
+        progress.log.remote(metrics)  # fire and forget: the driver writes metrics.jsonl and the progress bar
+
+
+def _save_and_report(engine, cfg: Config, state: dict[str, Any], rank: int, world: int) -> None:
+    import ray.train
+
+    rngs: list = [None] * world
+    dist.all_gather_object(rngs, ckpt.rng_state())
+    full = {**state, "world_size": world, "zero_stage": cfg.train.zero_stage, "config_hash": cfg.hash(),
+            "data": {"next_sample": state["step"] * cfg.train.samples_per_step()}, "rng": rngs}
+    with tempfile.TemporaryDirectory(prefix="raysmol-ckpt-") as d:
+        ckpt.save(engine, Path(d), full)
+        ray.train.report({"step": state["step"]}, checkpoint=ray.train.Checkpoint.from_directory(d),
+                         checkpoint_dir_name=f"checkpoint_{state['step']:08d}")
+
+
+def _export(model, state_dict, hf_uri: str) -> None:
+    from raysmol import storage
+
+    with tempfile.TemporaryDirectory(prefix="raysmol-hf-") as d:
+        ckpt.export_hf(model, state_dict, Path(d))
+        storage.upload_dir(d, hf_uri)

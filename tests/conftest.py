@@ -1,0 +1,145 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+# --- S3-compatible server on loopback ---------------------------------------------------------
+# `s3_server` (session scope) runs a real `moto_server` subprocess on 127.0.0.1 and points the
+# standard AWS environment at it, so pyarrow.fs / Ray / subprocesses all reach the same server.
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+_S3_HOST = "127.0.0.1"
+_S3_START_TIMEOUT_S = 30.0
+_S3_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+# Variables that would override or slow down the test setup (another endpoint, profile lookup,
+# EC2 instance metadata probing).
+_S3_UNSET = ("AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_REGION")
+
+
+@dataclass
+class S3Server:
+    """A running moto S3 server; `endpoint` is its http://127.0.0.1:PORT URL."""
+
+    endpoint: str
+    process: subprocess.Popen
+
+    def bucket(self, name: str) -> str:
+        """Create bucket `name` (fine if it exists) and return ``"s3://name"``."""
+        import pyarrow.fs as pafs
+
+        fs = pafs.S3FileSystem(
+            endpoint_override=self.endpoint,
+            access_key=_S3_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+            secret_key=_S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+            region=_S3_CREDENTIALS["AWS_DEFAULT_REGION"],
+            allow_bucket_creation=True,
+        )
+        fs.create_dir(name)
+        return f"s3://{name}"
+
+
+def _free_loopback_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((_S3_HOST, 0))
+        return s.getsockname()[1]
+
+
+def _moto_server_executable() -> str:
+    exe = Path(sys.executable).parent / "moto_server"
+    if not exe.exists():
+        pytest.fail(f"moto_server not found next to {sys.executable} (install moto[server])")
+    return str(exe)
+
+
+def _wait_until_up(proc: subprocess.Popen, endpoint: str, log: Path) -> None:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via a proxy
+    deadline = time.monotonic() + _S3_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(
+                f"moto_server exited with code {proc.returncode} before answering:\n"
+                f"{log.read_text(errors='replace')}"
+            )
+        try:
+            with opener.open(endpoint + "/", timeout=2) as resp:
+                if resp.status < 500:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(
+        f"moto_server at {endpoint} did not answer within {_S3_START_TIMEOUT_S:.0f}s:\n"
+        f"{log.read_text(errors='replace')}"
+    )
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A moto S3 server on 127.0.0.1:<free port>, with AWS_ENDPOINT_URL and test credentials set in
+    os.environ for the whole session (restored afterwards)."""
+    exe = _moto_server_executable()
+    log_dir = tmp_path_factory.mktemp("moto_server")
+    proc: subprocess.Popen | None = None
+    for attempt in range(3):  # the free port can be taken between probing and binding
+        port = _free_loopback_port()
+        endpoint = f"http://{_S3_HOST}:{port}"
+        log = log_dir / f"moto_server.{attempt}.log"
+        with open(log, "wb") as log_file:
+            proc = subprocess.Popen(
+                [exe, "-H", _S3_HOST, "-p", str(port)],
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            _wait_until_up(proc, endpoint, log)
+            break
+        except RuntimeError:
+            _stop(proc)
+            if attempt == 2:
+                raise
+        except BaseException:
+            _stop(proc)
+            raise
+    assert proc is not None
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            for key in _S3_UNSET:
+                mp.delenv(key, raising=False)
+            for key, value in _S3_CREDENTIALS.items():
+                mp.setenv(key, value)
+            mp.setenv("AWS_ENDPOINT_URL", endpoint)
+            mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
+            for key in ("NO_PROXY", "no_proxy"):
+                mp.setenv(key, ",".join(filter(None, [os.environ.get(key), _S3_HOST, "localhost"])))
+            yield S3Server(endpoint=endpoint, process=proc)
+    finally:
+        _stop(proc)
+
+
+# --- end S3-compatible server -----------------------------------------------------------------
