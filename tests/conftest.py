@@ -143,3 +143,83 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
 
 
 # --- end S3-compatible server -----------------------------------------------------------------
+
+
+# --- Local Ray, small data and configs ---------------------------------------------------------
+# One local Ray for the whole session (logical CPUs may exceed the 2 physical cores; workers pin torch to one
+# thread each). It starts after the S3 server so that Ray's worker processes inherit the AWS_* environment.
+
+import json
+import random
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_server):
+    import ray
+
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "120")
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+_WORDS = ("the model data token train loss learning rate batch layer attention head python code number "
+          "value list function returns small large first second mixture source step check sum").split()
+
+
+def write_docs(path: Path, docs: list[str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return path
+
+
+def make_docs(seed: int, n: int, kind: str = "prose") -> list[str]:
+    r = random.Random(seed)
+    if kind == "code":
+        return [f"def f{i}(x):\n    return x * {r.randint(2, 99)} + {r.randint(0, 9)}\n" for i in range(n)]
+    if kind == "math":
+        out = []
+        for _ in range(n):
+            a, b = r.randint(1, 99), r.randint(1, 99)
+            out.append(f"Question: what is {a} plus {b}? Answer: {a} + {b} = {a + b}.")
+        return out
+    return [" ".join(r.choice(_WORDS) for _ in range(r.randint(5, 60))).capitalize() + "." for _ in range(n)]
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory) -> dict[str, Path]:
+    """Three small JSONL sources and a 512-token byte-level BPE trained on them (a local tokenizer folder)."""
+    from raysmol.data.tokenizer import train_bpe_tokenizer
+
+    root = tmp_path_factory.mktemp("small_data")
+    files = {
+        "prose": write_docs(root / "prose" / "a.jsonl", make_docs(1, 1500, "prose")),
+        "code": write_docs(root / "code" / "a.jsonl", make_docs(2, 800, "code")),
+        "math": write_docs(root / "math" / "a.jsonl", make_docs(3, 800, "math")),
+    }
+    train_bpe_tokenizer(list(files.values()), 512, root / "tokenizer")
+    return {**files, "tokenizer": root / "tokenizer", "root": root}
+
+
+def small_config(tmp_path: Path, small_data: dict[str, Path], overrides: dict | None = None):
+    """A 2-worker run of a tiny Llama on `small_data` that finishes in well under a minute."""
+    from raysmol.config import apply_override, from_dict, validate
+
+    raw = {
+        "run": {"name": "t", "output_dir": str(tmp_path / "runs")},
+        "model": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 128,
+                  "max_position_embeddings": 256, "vocab_size": 512},
+        "tokenizer": {"name": str(small_data["tokenizer"])},
+        "data": {"sources": [{"name": "prose", "path": str(small_data["prose"]), "weight": 0.7},
+                             {"name": "code", "path": str(small_data["code"]), "weight": 0.2},
+                             {"name": "math", "path": str(small_data["math"]), "weight": 0.1}],
+                 "cache_dir": str(small_data["root"] / "cache"), "val_fraction": 0.05},
+        "optim": {"lr": 3e-3, "warmup_steps": 1},
+        "train": {"steps": 6, "global_batch_tokens": 256, "micro_batch_size": 2, "seq_len": 32, "num_workers": 2,
+                  "zero_stage": 2, "checkpoint_every": 3, "eval_batches": 1, "log_every": 1},
+    }
+    cfg = from_dict(raw, origin="test")
+    for k, v in (overrides or {}).items():
+        apply_override(cfg, f"{k}={json.dumps(v)}")
+    validate(cfg)
+    return cfg
