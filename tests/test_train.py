@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import small_config
+from conftest import small_config, write_docs
 
 from raysmol import storage
 from raysmol.train import checkpoint as ckpt
@@ -95,8 +95,9 @@ def test_zero3_trains_the_same_model(zero2_run, ray_local, small_data, tmp_path)
 
 def test_object_storage_run_directory(ray_local, small_data, tmp_path, s3_server):
     bucket = s3_server.bucket("raysmol-runs-test")
+    tiny_source = write_docs(tmp_path / "few.jsonl", ["one two three.", "four five six seven.", "eight nine."])
     cfg = small_config(tmp_path, small_data, {"run.output_dir": bucket + "/runs", "train.steps": 4,
-                                              "train.checkpoint_every": 2})
+                                              "train.checkpoint_every": 2, "data.sources.2.path": str(tiny_source)})
     summary = pretrain(cfg, show_progress=False)
     run = bucket + "/runs/t"
     assert summary["checkpoint"].startswith(bucket)
@@ -110,3 +111,6 @@ def test_object_storage_run_directory(ray_local, small_data, tmp_path, s3_server
     assert transformers.AutoModelForCausalLM.from_pretrained(local / "hf").config.vocab_size == 512
     assert json.loads(storage.read_text(storage.join(run, "summary.json")))["steps"] == 4
     assert len([r for r in read_metrics(run) if "loss" in r]) == 4
+    # ~100 tokens of the 0.1 source were drawn from a stream of a few dozen: it wrapped, and the run says so.
+    assert summary["data"]["math"]["wrapped"] and summary["data"]["math"]["epochs"] > 1
+    assert not summary["data"]["prose"]["wrapped"]

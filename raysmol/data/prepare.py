@@ -1,11 +1,12 @@
 """`raysmol prepare`: Ray Data reads, cleans, tokenizes and writes token shards, content-addressed.
 
 Each source is cut into work items (byte ranges of jsonl/text files, row groups of parquet files) so that
-even one large file spreads over the cluster. Ray Data streams the items through a pool of tokenizer actors;
-each actor reads its item straight from storage, drops empty documents and invalid lines (counted, never
+even one large file spreads over the cluster. One Ray Data pipeline streams the items of every source that
+needs preparing through tokenizer tasks (start-up is paid once; small sources leave no CPU idle); each task
+reads its item straight from storage, drops empty documents and invalid lines (counted, never
 fatal), tokenizes, appends EOS, routes a content-hashed share of documents to the validation split and writes
 its shard straight back to storage, so tokens never pass through the driver. The driver only collects the
-per-item counts, in order, and writes the manifests; `manifest.json` at the source root is written last
+per-item counts, sorts them into item order (the stream order) and writes the manifests; `manifest.json` at the source root is written last
 and marks the preparation complete.
 
 The output folder is `<cache_dir>/prepared/<source>-<hash of inputs>/`, the hash covering the files
@@ -36,7 +37,9 @@ log = logging.getLogger(__name__)
 
 PREPARE_VERSION = 1
 _EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".txt": "text", ".md": "text"}
-_ITEM_BYTES = 4 << 20
+_ITEM_BYTES = 4 << 20  # the largest work item (bytes of jsonl/text)
+_MIN_ITEM_BYTES = 1 << 20
+_ITEMS_PER_CPU = 8
 
 
 class DataError(ValueError):
@@ -120,8 +123,9 @@ def _list_files(fs: pafs.FileSystem, base: str) -> list[str]:
 # ---------------------------------------------------------------- work items
 
 
-def work_items(files: list[str], fmt: str, prefix: str) -> list[dict[str, Any]]:
-    """Byte ranges (jsonl, text) or row groups (parquet), in a fixed order."""
+def work_items(files: list[str], fmt: str, prefix: str, size: int | None = None) -> list[dict[str, Any]]:
+    """Byte ranges of `size` bytes (jsonl, text; default _ITEM_BYTES) or row groups (parquet), in a fixed order."""
+    size = size or _ITEM_BYTES
     fs, _ = _filesystem(prefix + files[0]) if prefix else (pafs.LocalFileSystem(), "")
     items: list[dict[str, Any]] = []
     for f in files:
@@ -132,8 +136,8 @@ def work_items(files: list[str], fmt: str, prefix: str) -> list[dict[str, Any]]:
                 n = pq.ParquetFile(fh).num_row_groups
             items += [{"file": f, "start": g, "end": g + 1} for g in range(n)]
         else:
-            size = fs.get_file_info(f).size
-            items += [{"file": f, "start": s, "end": min(s + _ITEM_BYTES, size)} for s in range(0, max(size, 1), _ITEM_BYTES)]
+            n = fs.get_file_info(f).size
+            items += [{"file": f, "start": s, "end": min(s + size, n)} for s in range(0, max(n, 1), size)]
     for i, it in enumerate(items):
         it["index"] = i
     return items
@@ -209,44 +213,49 @@ def _lines(fs: pafs.FileSystem, item: dict[str, Any]) -> list[bytes]:
     return data.splitlines()
 
 
-class _Tokenize:
-    """Ray Data actor: one work item in, one train shard and one validation shard out (plus counts)."""
+_TOKENIZERS: dict[str, Any] = {}  # per worker process: Ray reuses workers, so each parses a tokenizer once
 
-    def __init__(self, tokenizer_json: str, eos_id: int, fmt: str, text_field: str, val_fraction: float,
-                 out_uri: str, prefix: str, dtype: str):
+
+def _tokenize_batch(batch: dict[str, np.ndarray], setup: dict[str, Any]) -> dict[str, list]:
+    """Ray Data task body: each row is a work item; returns one row of counts per item."""
+    # One task per CPU: the tokenizer's own thread pool would fight the other tasks for the same cores.
+    # tokenizers reads this at every batch call, so setting it here is enough (a runtime_env would make Ray
+    # start dedicated worker processes instead of reusing idle ones, ~1 s each).
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    tok = _TOKENIZERS.get(setup["identity"])
+    if tok is None:
         from tokenizers import Tokenizer
 
-        self.tok = Tokenizer.from_str(tokenizer_json)
-        self.eos_id, self.fmt, self.text_field = eos_id, fmt, text_field
-        self.val_cut = int(val_fraction * 2**32)
-        self.out_uri, self.prefix, self.dtype = out_uri, prefix, np.dtype(dtype)
+        tok = _TOKENIZERS[setup["identity"]] = Tokenizer.from_str(setup["tokenizer_json"])
+    rows: dict[str, list] = {}
+    for i in range(len(batch["index"])):
+        item = {k: (v[i].item() if hasattr(v[i], "item") else v[i]) for k, v in batch.items()}
+        for k, v in tokenize_item(tok, item, setup).items():
+            rows.setdefault(k, []).append(v)
+    return rows
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        rows: dict[str, list] = {}
-        for i in range(len(batch["index"])):
-            item = {k: (v[i].item() if hasattr(v[i], "item") else v[i]) for k, v in batch.items()}
-            for k, v in self.process(item).items():
-                rows.setdefault(k, []).append(v)
-        return rows
 
-    def process(self, item: dict[str, Any]) -> dict[str, int]:
-        fs, path = _filesystem(self.prefix + item["file"]) if self.prefix else (pafs.LocalFileSystem(), item["file"])
-        docs, skipped = read_documents(fs, {**item, "file": path}, self.fmt, self.text_field)
-        encoded = self.tok.encode_batch_fast(docs, add_special_tokens=False) if docs else []
-        splits: dict[str, list[list[int]]] = {"train": [], "val": []}
-        for text, enc in zip(docs, encoded):
-            is_val = zlib.crc32(text.encode("utf-8")) < self.val_cut
-            splits["val" if is_val else "train"].append(enc.ids + [self.eos_id])
-        out = {"index": item["index"], **skipped}
-        for split, seqs in splits.items():
-            lens = np.fromiter((len(s) for s in seqs), dtype=np.int32, count=len(seqs))
-            tokens = np.fromiter((t for s in seqs for t in s), dtype=self.dtype, count=int(lens.sum()))
-            if len(seqs):
-                name = f"{item['index']:06d}"
-                _save_npy(storage.join(self.out_uri, split, f"{name}.tokens.npy"), tokens)
-                _save_npy(storage.join(self.out_uri, split, f"{name}.lens.npy"), lens)
-            out[f"{split}_docs"], out[f"{split}_tokens"] = len(seqs), int(lens.sum())
-        return out
+def tokenize_item(tok, item: dict[str, Any], setup: dict[str, Any]) -> dict[str, int]:
+    """One work item in, one train shard and one validation shard out (plus counts)."""
+    src = setup["sources"][item["source"]]
+    fs, path = _filesystem(src["prefix"] + item["file"]) if src["prefix"] else (pafs.LocalFileSystem(), item["file"])
+    docs, skipped = read_documents(fs, {**item, "file": path}, src["fmt"], src["text_field"])
+    encoded = tok.encode_batch_fast(docs, add_special_tokens=False) if docs else []
+    val_cut = int(setup["val_fraction"] * 2**32)
+    splits: dict[str, tuple[list[int], list[int]]] = {"train": ([], []), "val": ([], [])}
+    for text, enc in zip(docs, encoded):
+        flat, lens = splits["val" if zlib.crc32(text.encode("utf-8")) < val_cut else "train"]
+        flat.extend(enc.ids)
+        flat.append(setup["eos_id"])
+        lens.append(len(enc.ids) + 1)
+    out = {"source": item["source"], "index": item["index"], **skipped}
+    for split, (flat, lens) in splits.items():
+        if lens:
+            name = f"{item['index']:06d}"
+            _save_npy(storage.join(src["out_uri"], split, f"{name}.tokens.npy"), np.array(flat, dtype=setup["dtype"]))
+            _save_npy(storage.join(src["out_uri"], split, f"{name}.lens.npy"), np.array(lens, dtype=np.int32))
+        out[f"{split}_docs"], out[f"{split}_tokens"] = len(lens), len(flat)
+    return out
 
 
 def _save_npy(uri: str, arr: np.ndarray) -> None:
@@ -259,48 +268,62 @@ def _save_npy(uri: str, arr: np.ndarray) -> None:
 
 
 def prepare(cfg: Config, tokenizer, *, show_progress: bool = True) -> list[PreparedSource]:
-    """Prepare every source of `cfg` (those already prepared are reused); returns them in config order."""
-    return [prepare_source(src, cfg, tokenizer, show_progress=show_progress) for src in cfg.data.sources]
-
-
-def prepare_source(src: SourceConfig, cfg: Config, tokenizer, *, show_progress: bool = True) -> PreparedSource:
+    """Prepare every source of `cfg` that is not prepared yet, all in one Ray Data pipeline (start-up is paid
+    once and small sources do not leave CPUs idle); returns every source, in config order."""
     cache = cfg.data.cache_dir if storage.is_remote(cfg.data.cache_dir) else os.path.expanduser(cfg.data.cache_dir)
-    files, fmt, prefix = resolve_files(src, cfg.data.cache_dir)
-    key = _fingerprint(src, files, fmt, prefix, tokenizer.identity, cfg.data.val_fraction)
-    uri = storage.join(cache, "prepared", f"{src.name}-{key}")
-    manifest_uri = storage.join(uri, "manifest.json")
-    if storage.exists(manifest_uri):
-        log.info("source %s: already prepared at %s", src.name, uri)
-        return PreparedSource(src.name, uri, json.loads(storage.read_text(manifest_uri)))
+    done: dict[int, PreparedSource] = {}
+    pending = []
+    for i, src in enumerate(cfg.data.sources):
+        files, fmt, prefix = resolve_files(src, cfg.data.cache_dir)
+        key = _fingerprint(src, files, fmt, prefix, tokenizer.identity, cfg.data.val_fraction)
+        uri = storage.join(cache, "prepared", f"{src.name}-{key}")
+        manifest_uri = storage.join(uri, "manifest.json")
+        if storage.exists(manifest_uri):
+            log.info("source %s: already prepared at %s", src.name, uri)
+            done[i] = PreparedSource(src.name, uri, json.loads(storage.read_text(manifest_uri)))
+        else:
+            pending.append((i, src, files, fmt, prefix, uri))
+    if pending:
+        done.update(_run(pending, cfg, tokenizer, show_progress))
+    return [done[i] for i in range(len(cfg.data.sources))]
 
+
+def item_bytes(total_bytes: int, cpus: int) -> int:
+    """Byte-range size: _ITEM_BYTES, or smaller (down to _MIN_ITEM_BYTES) so that every CPU gets a few items."""
+    return min(_ITEM_BYTES, max(_MIN_ITEM_BYTES, total_bytes // max(1, _ITEMS_PER_CPU * cpus)))
+
+
+def _run(pending: list, cfg: Config, tokenizer, show_progress: bool) -> dict[int, PreparedSource]:
     import ray
 
-    items = work_items(files, fmt, prefix)
-    dtype = "uint16" if tokenizer.vocab_size <= 2**16 else "uint32"
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # counts come back in item order, which is the stream order
-    ctx.enable_progress_bars = show_progress
-    n_actors = max(1, min(len(items), int(ray.cluster_resources().get("CPU", 1))))
-    rows = (
-        ray.data.from_items(items, override_num_blocks=len(items))
-        .map_batches(
-            _Tokenize,
-            batch_size=1,
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n_actors),
-            fn_constructor_kwargs=dict(
-                tokenizer_json=tokenizer.json_path.read_text(), eos_id=tokenizer.eos_id, fmt=fmt,
-                text_field=src.text_field, val_fraction=cfg.data.val_fraction, out_uri=uri, prefix=prefix, dtype=dtype),
-            # The tokenizer's own thread pool would fight the other actors for the same cores.
-            runtime_env={"env_vars": {"RAYON_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}},
-        )
-        .take_all()
-    )
-    rows.sort(key=lambda r: r["index"])
-    manifest = _write_manifests(uri, src, files, fmt, tokenizer, rows, dtype)
-    if manifest["splits"]["train"]["tokens"] == 0:
-        raise DataError(f"source {src.name!r}: no text in {src.path!r} ({manifest['skipped']}); "
-                        f"check the path, the format ({fmt}) and the text field ({src.text_field!r})")
-    return PreparedSource(src.name, uri, manifest)
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    total = sum(_total_bytes(files, prefix) for _, _, files, fmt, prefix, _ in pending if fmt != "parquet")
+    size = item_bytes(total, cpus)
+    items, sources = [], {}
+    for i, src, files, fmt, prefix, uri in pending:
+        items += [{**it, "source": i} for it in work_items(files, fmt, prefix, size)]
+        sources[i] = {"fmt": fmt, "text_field": src.text_field, "prefix": prefix, "out_uri": uri}
+    setup = {"identity": tokenizer.identity, "tokenizer_json": tokenizer.json_path.read_text(),
+             "eos_id": tokenizer.eos_id, "val_fraction": cfg.data.val_fraction, "sources": sources,
+             "dtype": "uint16" if tokenizer.vocab_size <= 2**16 else "uint32"}
+    ray.data.DataContext.get_current().enable_progress_bars = show_progress
+    rows = (ray.data.from_items(items, override_num_blocks=len(items))
+            .map_batches(_tokenize_batch, batch_size=1, fn_kwargs={"setup": setup}, num_cpus=1)
+            .take_all())
+    out = {}
+    for i, src, files, fmt, _, uri in pending:
+        mine = sorted((r for r in rows if r["source"] == i), key=lambda r: r["index"])  # item order = stream order
+        manifest = _write_manifests(uri, src, files, fmt, tokenizer, mine, setup["dtype"])
+        if manifest["splits"]["train"]["tokens"] == 0:
+            raise DataError(f"source {src.name!r}: no text in {src.path!r} ({manifest['skipped']}); "
+                            f"check the path, the format ({fmt}) and the text field ({src.text_field!r})")
+        out[i] = PreparedSource(src.name, uri, manifest)
+    return out
+
+
+def _total_bytes(files: list[str], prefix: str) -> int:
+    fs, _ = _filesystem(prefix + files[0]) if prefix else (pafs.LocalFileSystem(), "")
+    return sum(i.size or 0 for i in fs.get_file_info(files))
 
 
 def _write_manifests(uri: str, src: SourceConfig, files: list[str], fmt: str, tokenizer, rows: list[dict], dtype: str) -> dict:

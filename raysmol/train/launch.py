@@ -132,7 +132,7 @@ def _fit_with_progress(trainer, progress, metrics: MetricsFile, total: int, show
     th = threading.Thread(target=fit, daemon=True)
     th.start()
     bar = tqdm(total=total, desc="pretrain", unit="step", disable=not show, dynamic_ncols=True)
-    seen = len(metrics.rows)
+    seen = 0  # index into this run's Progress actor (metrics.rows may hold an earlier attempt's rows)
     last_flush = 0.0
     pending: list[dict[str, Any]] = []
     while True:
