@@ -97,7 +97,8 @@ def test_object_storage_run_directory(ray_local, small_data, tmp_path, s3_server
     bucket = s3_server.bucket("raysmol-runs-test")
     tiny_source = write_docs(tmp_path / "few.jsonl", ["one two three.", "four five six seven.", "eight nine."])
     cfg = small_config(tmp_path, small_data, {"run.output_dir": bucket + "/runs", "train.steps": 4,
-                                              "train.checkpoint_every": 2, "data.sources.2.path": str(tiny_source)})
+                                              "train.checkpoint_every": 2, "data.sources.2.path": str(tiny_source),
+                                              "train.log_every": 3, "train.eval_every": 2})
     summary = pretrain(cfg, show_progress=False)
     run = bucket + "/runs/t"
     assert summary["checkpoint"].startswith(bucket)
@@ -110,7 +111,10 @@ def test_object_storage_run_directory(ray_local, small_data, tmp_path, s3_server
 
     assert transformers.AutoModelForCausalLM.from_pretrained(local / "hf").config.vocab_size == 512
     assert json.loads(storage.read_text(storage.join(run, "summary.json")))["steps"] == 4
-    assert len([r for r in read_metrics(run) if "loss" in r]) == 4
+    rows = read_metrics(run)
+    # Logged every 3 steps, and whenever validation loss is due (every 2) and at the end.
+    assert [r["step"] for r in rows if "loss" in r] == [2, 3, 4]
+    assert [r["step"] for r in rows if "val_loss" in r] == [0, 2, 4]
     # ~100 tokens of the 0.1 source were drawn from a stream of a few dozen: it wrapped, and the run says so.
     assert summary["data"]["math"]["wrapped"] and summary["data"]["math"]["epochs"] > 1
     assert not summary["data"]["prose"]["wrapped"]

@@ -161,6 +161,7 @@ def _summary(cfg: Config, rows: list[dict], wall: float, result, rd: str, source
     train_rows = [r for r in rows if "loss" in r]
     val = [r for r in rows if r.get("val_loss") is not None]
     ckpt = result.checkpoint.path if result.checkpoint else None
+    epochs = train_rows[-1]["epochs"] if train_rows else {}
     return {
         "run": cfg.run.name,
         "steps": train_rows[-1]["step"] if train_rows else 0,
@@ -175,10 +176,9 @@ def _summary(cfg: Config, rows: list[dict], wall: float, result, rd: str, source
         "checkpoint": (storage.join(rd, "checkpoints", os.path.basename(ckpt)) if ckpt else None),
         "export": storage.join(rd, "hf"),
         "data": {s.name: {"prepared": s.uri, "tokens": s.manifest["splits"]["train"]["tokens"],
-                          "epochs": train_rows[-1]["epochs"].get(str(i)) if train_rows else 0,
-                          "wrapped": bool(train_rows and train_rows[-1]["epochs"].get(str(i), 0) > 1),
+                          "epochs": epochs.get(s.name, 0.0), "wrapped": epochs.get(s.name, 0.0) > 1,
                           "skipped": s.manifest["skipped"]}
-                 for i, s in enumerate(sources)},
+                 for s in sources},
     }
 
 

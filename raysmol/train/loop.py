@@ -103,31 +103,34 @@ def train_func(loop_config: dict[str, Any]) -> None:
 
     if state["step"] == 0:
         _log(progress, rank, {"step": 0, "tokens": 0, "val_loss": evaluate(engine, val, cfg, rank, world, device)})
+    names = [s.name for s in cfg.data.sources]
+    since, losses, n_steps = time.perf_counter(), [], 0  # the logging interval: no host sync inside it
     for step in range(state["step"], t.steps):
-        start = time.perf_counter()
-        losses = []
         for mb in batches.micro_batches(step, rank, world, t.micro_batch_size):
-            mb = mb.to(device)
-            loss, _ = objective(engine, mb)
+            loss, _ = objective(engine, mb.to(device))
             engine.backward(loss)
             engine.step()
             losses.append(loss.detach())
+        n_steps += 1
         state = {"step": step + 1, "tokens": (step + 1) * t.global_batch_tokens}
         last = step + 1 == t.steps
-        if (step + 1) % t.log_every == 0 or last:
-            elapsed = time.perf_counter() - start  # the mean below syncs, which is the point of logging
-            loss_mean = _mean_across_ranks(torch.stack(losses).mean())
-            tps = t.global_batch_tokens / elapsed
+        eval_due = (t.eval_every and (step + 1) % t.eval_every == 0) or last
+        if (step + 1) % t.log_every == 0 or eval_due:
+            loss_mean = _mean_across_ranks(torch.stack(losses).mean())  # syncs: the point of logging
+            elapsed = time.perf_counter() - since
+            tps = n_steps * t.global_batch_tokens / elapsed
             metrics = {"step": step + 1, "tokens": state["tokens"], "loss": loss_mean, "grad_norm": _grad_norm(engine),
-                       "lr": engine.get_lr()[0], "step_time": elapsed, "tokens_per_s": tps,
-                       "tokens_per_s_per_worker": tps / world,
-                       "mfu": tps * tpf / (peak * world) if peak else None,
-                       "epochs": _epochs(batches, step)}
-            if (t.eval_every and (step + 1) % t.eval_every == 0) or last:
+                       "lr": engine.get_lr()[0], "step_time": elapsed / n_steps, "tokens_per_s": tps,
+                       "tokens_per_s_per_worker": tps / world, "mfu": tps * tpf / (peak * world) if peak else None,
+                       "epochs": _epochs(batches, step, names)}
+            if eval_due:
                 metrics["val_loss"] = evaluate(engine, val, cfg, rank, world, device)
             _log(progress, rank, metrics)
+            since, losses, n_steps = time.perf_counter(), [], 0
         if (step + 1) % t.checkpoint_every == 0 or last:
             _save_and_report(engine, cfg, state, rank, world)
+            since, n_steps = time.perf_counter(), 0  # checkpoint time is not step time
+            losses.clear()
 
     sd = ckpt.full_state_dict(engine)
     if rank == 0:
@@ -178,10 +181,10 @@ def _grad_norm(engine) -> float | None:
     return g if math.isfinite(g) else float("nan")
 
 
-def _epochs(batches: Batches, step: int) -> dict[str, float]:
+def _epochs(batches: Batches, step: int, names: list[str]) -> dict[str, float]:
     """How many passes over each source's token stream the run has made by the end of this step."""
     counts = batches.mixture.counts((step + 1) * batches.samples_per_step)
-    return {str(i): float(c * batches.seq_len / s.total) for i, (c, s) in enumerate(zip(counts, batches.streams))}
+    return {n: float(c * batches.seq_len / s.total) for n, c, s in zip(names, counts, batches.streams)}
 
 
 def _gpu_peak() -> float | None:
