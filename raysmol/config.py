@@ -124,6 +124,8 @@ class TrainConfig:
     peak_flops: float | None = None
     # torch threads per worker on CPU: logical Ray CPUs may exceed physical cores.
     cpu_threads_per_worker: int = 1
+    # Worker failures Ray Train recovers from (restart from the newest committed checkpoint) before giving up.
+    max_failures: int = 3
 
     def samples_per_step(self) -> int:
         return self.global_batch_tokens // self.seq_len
@@ -140,6 +142,39 @@ class TrainConfig:
 
 
 @dataclass
+class GuardConfig:
+    """Loss-spike guard (see raysmol/train/guard.py)."""
+
+    # off | log (record only) | skip (drop the update) | rollback (reload the last checkpoint, skip data)
+    action: Literal["off", "log", "skip", "rollback"] = "log"
+    window: int = 50
+    # Steps of healthy statistics needed before anything is flagged (non-finite values always are).
+    min_steps: int = 20
+    loss_zscore: float = 6.0
+    grad_norm_factor: float = 10.0
+    # rollback: data batches skipped at the spike, lr multiplier and for how many steps, and the bound.
+    skip_batches: int = 10
+    lr_factor: float = 1.0
+    lr_steps: int = 0
+    max_rollbacks: int = 3
+
+
+@dataclass
+class FaultsConfig:
+    """Fault drills for tests and rehearsals; all off unless set. Each fires once per run (a marker in
+    the run directory remembers it), so the restarted run gets past it."""
+
+    crash_at_step: int | None = None  # crash `crash_rank` right after this step's update
+    crash_rank: int = 0
+    crash_mode: Literal["exception", "exit"] = "exception"  # exit = os._exit, no cleanup (like a segfault)
+    crash_after_report_at_step: int | None = None  # hard exit right after reporting this step's checkpoint
+    kill_during_save_at_step: int | None = None  # crash_rank dies mid-checkpoint: the others' files land
+    spike_at_step: int | None = None  # multiply the loss (and so the gradients) by spike_factor
+    spike_factor: float = 50.0
+    nan_at_step: int | None = None  # make the loss NaN
+
+
+@dataclass
 class Config:
     run: RunSection = field(default_factory=RunSection)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -147,6 +182,8 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
     # Where the values came from, for error messages; not part of the config itself.
     origin: str = field(default="<defaults>", compare=False, repr=False)
 
@@ -341,6 +378,23 @@ def validate(cfg: Config) -> None:
     need(t.global_batch_tokens % per_worker == 0, "train.global_batch_tokens",
          f"{t.global_batch_tokens} is not a multiple of micro_batch_size*seq_len*num_workers = {per_worker}; "
          f"nearest valid: {max(per_worker, round(t.global_batch_tokens / per_worker) * per_worker)}")
+    need(t.max_failures >= 0, "train.max_failures", f"must be >= 0, got {t.max_failures}")
+    g = cfg.guard
+    for key in ("window", "min_steps", "max_rollbacks"):
+        need(getattr(g, key) > 0, f"guard.{key}", f"must be positive, got {getattr(g, key)}")
+    need(g.min_steps <= g.window, "guard.min_steps", f"must be <= guard.window={g.window}, got {g.min_steps}")
+    for key in ("loss_zscore", "grad_norm_factor", "lr_factor"):
+        need(getattr(g, key) > 0, f"guard.{key}", f"must be positive, got {getattr(g, key)}")
+    need(g.skip_batches >= 0 and g.lr_steps >= 0, "guard.skip_batches/lr_steps", "must be >= 0")
+    f = cfg.faults
+    need(0 <= f.crash_rank < t.num_workers, "faults.crash_rank", f"must be a rank in [0, {t.num_workers}), got {f.crash_rank}")
+    for key in ("crash_at_step", "crash_after_report_at_step", "kill_during_save_at_step", "spike_at_step", "nan_at_step"):
+        v = getattr(f, key)
+        need(v is None or 1 <= v <= t.steps, f"faults.{key}", f"must be a step in [1, train.steps={t.steps}], got {v}")
+    for key in ("crash_after_report_at_step", "kill_during_save_at_step"):
+        v = getattr(f, key)
+        need(v is None or v % t.checkpoint_every == 0 or v == t.steps, f"faults.{key}",
+             f"step {v} saves no checkpoint (train.checkpoint_every={t.checkpoint_every})")
     need(t.peak_flops is None or t.peak_flops > 0, "train.peak_flops", f"must be positive, got {t.peak_flops}")
 
     need(o.lr > 0, "optim.lr", f"must be positive, got {o.lr}")

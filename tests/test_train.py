@@ -112,8 +112,8 @@ def test_object_storage_run_directory(ray_local, small_data, tmp_path, s3_server
     assert transformers.AutoModelForCausalLM.from_pretrained(local / "hf").config.vocab_size == 512
     assert json.loads(storage.read_text(storage.join(run, "summary.json")))["steps"] == 4
     rows = read_metrics(run)
-    # Logged every 3 steps, and whenever validation loss is due (every 2) and at the end.
-    assert [r["step"] for r in rows if "loss" in r] == [2, 3, 4]
+    # Logged every 3 steps, whenever validation loss is due (every 2), at the end, and the first step of an attempt.
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
     assert [r["step"] for r in rows if "val_loss" in r] == [0, 2, 4]
     # ~100 tokens of the 0.1 source were drawn from a stream of a few dozen: it wrapped, and the run says so.
     assert summary["data"]["math"]["wrapped"] and summary["data"]["math"]["epochs"] > 1

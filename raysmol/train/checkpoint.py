@@ -74,6 +74,61 @@ def verify(folder: Path) -> dict[str, Any]:
     return state
 
 
+def step_of(name: str) -> int | None:
+    """checkpoint_00000120 -> 120; anything else -> None."""
+    head, _, num = name.partition("_")
+    return int(num) if head == "checkpoint" and num.isdigit() else None
+
+
+def candidates(checkpoints_uri: str) -> list[tuple[int, str]]:
+    """(step, folder URI) of every checkpoint folder on storage, newest first."""
+    from raysmol import storage
+
+    if not storage.exists(checkpoints_uri):
+        return []
+    found = [(step_of(n), storage.join(checkpoints_uri, n)) for n in storage.listdir(checkpoints_uri)]
+    return sorted(((st, uri) for st, uri in found if st is not None), reverse=True)
+
+
+def newest_valid(checkpoints_uri: str, local_root: Path) -> tuple[Path | None, dict | None, list[dict]]:
+    """The newest checkpoint whose state.json exists and whose files all match their checksums, as a local
+    folder (object-store folders are downloaded), its state, and the newer ones rejected with the reason."""
+    from raysmol import storage
+
+    rejected = []
+    for step, uri in candidates(checkpoints_uri):
+        if storage.is_remote(uri):
+            if not storage.exists(storage.join(uri, STATE_FILE)):
+                rejected.append({"checkpoint": uri, "step": step, "reason": f"no {STATE_FILE} (the save never finished)"})
+                continue
+            folder = local_root / f"checkpoint_{step:08d}"
+            storage.download_dir(uri, folder)
+        else:
+            folder = Path(uri)
+        try:
+            return folder, verify(folder), rejected
+        except CheckpointError as e:
+            rejected.append({"checkpoint": uri, "step": step, "reason": str(e)})
+    return None, None, rejected
+
+
+def prune(checkpoints_uri: str, keep: int) -> list[str]:
+    """Keep the newest `keep` complete checkpoints; delete older ones and torn folders (no state.json) older
+    than the newest complete one, which Ray's own retention never sees because they were never registered."""
+    from raysmol import storage
+
+    removed, complete = [], 0
+    for _, uri in candidates(checkpoints_uri):
+        has_state = storage.exists(storage.join(uri, STATE_FILE))
+        if has_state and complete < keep:
+            complete += 1
+            continue
+        if complete:  # never touch anything newer than the newest complete checkpoint
+            storage.remove_tree(uri)
+            removed.append(uri)
+    return removed
+
+
 def load(engine, folder: Path) -> dict[str, Any]:
     state = verify(folder)
     engine.load_checkpoint(str(folder), tag=DS_TAG, load_module_strict=True,

@@ -66,7 +66,7 @@ def run_dir(cfg: Config) -> str:
 
 def pretrain(cfg: Config, *, show_progress: bool = True) -> dict[str, Any]:
     """Prepare data if needed, train on Ray Train + DeepSpeed, export, and write the run directory."""
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     init_ray()
@@ -86,7 +86,7 @@ def pretrain(cfg: Config, *, show_progress: bool = True) -> dict[str, Any]:
         "val_dirs": [str(s.split_dir("val")) if s.manifest["splits"]["val"]["tokens"] else None for s in sources],
         "eos_id": tok.eos_id,
         "progress": progress,
-        "hf_uri": storage.join(rd, "hf"),
+        "run_dir": rd,
     }
     storage_path, storage_fs = storage.ray_storage(rd)
     t = cfg.train
@@ -97,7 +97,8 @@ def pretrain(cfg: Config, *, show_progress: bool = True) -> dict[str, Any]:
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                      resources_per_worker=None if t.use_gpu else {"CPU": 1}),
         run_config=RunConfig(name="checkpoints", storage_path=storage_path, storage_filesystem=storage_fs,
-                             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+                             failure_config=FailureConfig(max_failures=t.max_failures)),
     )
     metrics = MetricsFile(storage.join(rd, "metrics.jsonl"))
     started = time.time()
@@ -174,12 +175,36 @@ def _summary(cfg: Config, rows: list[dict], wall: float, result, rd: str, source
         "parameters": param_count(cfg),
         "flops_per_token": flops_per_token(cfg),
         "checkpoint": (storage.join(rd, "checkpoints", os.path.basename(ckpt)) if ckpt else None),
+        "events": [r for r in rows if r.get("event") in ("spike", "rollback")],
+        "recovery": recovery_report(rows),
         "export": storage.join(rd, "hf"),
         "data": {s.name: {"prepared": s.uri, "tokens": s.manifest["splits"]["train"]["tokens"],
                           "epochs": epochs.get(s.name, 0.0), "wrapped": epochs.get(s.name, 0.0) > 1,
                           "skipped": s.manifest["skipped"]}
                  for s in sources},
     }
+
+
+def recovery_report(rows: list[dict]) -> list[dict[str, Any]]:
+    """One entry per restart: what failed, the checkpoint resumed from, steps redone, and the seconds from the
+    failure (a drill's own timestamp, else the last thing the run reported) to the first resumed step."""
+    out: list[dict[str, Any]] = []
+    starts = [i for i, r in enumerate(rows) if r.get("event") == "start"]
+    for a, b in zip(starts, starts[1:]):
+        before, start = rows[a:b], rows[b]
+        faults = [r for r in before if r.get("event") == "fault"]
+        failed_at = faults[-1]["time"] if faults else max(r["time"] for r in before)
+        reached = max((r["step"] for r in before if "loss" in r), default=0)
+        first = next((r for r in rows[b + 1:] if "loss" in r), None)
+        out.append({
+            "failure": faults[-1]["fault"] if faults else "worker lost (no drill): killed, crashed or node gone",
+            "resumed_from": start.get("resumed_from"),
+            "rejected_checkpoints": start.get("rejected", []),
+            "resume_step": start["step"],
+            "steps_redone": max(0, reached - start["step"]),
+            "seconds_to_first_resumed_step": (first["time"] - failed_at) if first else None,
+        })
+    return out
 
 
 def _plot(rows: list[dict], rd: str) -> None:
@@ -193,6 +218,9 @@ def _plot(rows: list[dict], rd: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     train = [r for r in rows if "loss" in r]
     val = [r for r in rows if r.get("val_loss") is not None]
+    for r in rows:
+        if r.get("event") in ("spike", "rollback"):
+            ax.axvline(r["step"], color="red" if r["event"] == "spike" else "orange", lw=0.8, alpha=0.6)
     ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss", lw=1)
     ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation loss")
     ax.set_xlabel("step")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
@@ -13,11 +14,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from raysmol import storage
 from raysmol.config import Config, from_dict
 from raysmol.data.batches import Batches
 from raysmol.data.store import TokenStream
 from raysmol.model import build_model, flops_per_token
 from raysmol.train import checkpoint as ckpt
+from raysmol.train.faults import Drills
+from raysmol.train.guard import DataPlan, GuardedAdamW, GuardError, Sentry, SpikeGuard
 from raysmol.train.objectives import OBJECTIVES
 from raysmol.train.schedule import lr_multiplier
 
@@ -70,72 +74,142 @@ def _init_distributed(cfg: Config):
 
 
 def train_func(loop_config: dict[str, Any]) -> None:
-    """Ray Train worker entry point. `loop_config`: config (dict), train_dirs, val_dirs, eos_id, progress."""
-    import ray.train
-
+    """Ray Train worker entry point. `loop_config`: config (dict), train_dirs, val_dirs, eos_id, run_dir, progress."""
     cfg = from_dict(loop_config["config"], origin="run config")
     deepspeed = _init_distributed(cfg)
     rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device(f"cuda:{ray.train.torch.get_device().index}") if cfg.train.use_gpu else torch.device("cpu")
-    t = cfg.train
+    device = _device(cfg)
+    t, g, o = cfg.train, cfg.guard, cfg.optim
+    run_dir, progress = loop_config["run_dir"], loop_config.get("progress")
+    drills = Drills(cfg.faults, run_dir, rank, progress)
     weights = [s.weight for s in cfg.data.sources]
     batches = Batches([TokenStream(d, cfg.data.seed) for d in loop_config["train_dirs"]], weights, cfg.data.seed,
                       t.seq_len, t.samples_per_step(), cfg.data.intra_doc_masking)
     val = _val_batches(cfg, loop_config["val_dirs"], weights)
 
     model = build_model(cfg, loop_config["eos_id"], seed=t.seed)
-    o = cfg.optim
-    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(o, t.steps))
+    optimizer = GuardedAdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+    plan = DataPlan()  # data skips and lr windows from rollbacks; restored with the checkpoint
+    base_lr = lr_multiplier(o, t.steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: base_lr(s) * plan.lr_factor(s))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg, world))
+    sentry = Sentry(engine, SpikeGuard(g.window, g.min_steps, g.loss_zscore, g.grad_norm_factor), g.action)
+    optimizer.veto = sentry.veto
     objective = OBJECTIVES["causal_lm"]
-
-    state = {"step": 0, "tokens": 0}
-    restored = ray.train.get_checkpoint()
-    if restored:
-        with restored.as_directory() as d:
-            state = ckpt.load(engine, Path(d))
-        ckpt.set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
-    progress = loop_config.get("progress")
-    tpf = flops_per_token(cfg)
-    peak = t.peak_flops or (_gpu_peak() if t.use_gpu else None)
-
-    if state["step"] == 0:
-        _log(progress, rank, {"step": 0, "tokens": 0, "val_loss": evaluate(engine, val, cfg, rank, world, device)})
+    tpf, peak = flops_per_token(cfg), t.peak_flops or (_gpu_peak() if t.use_gpu else None)
     names = [s.name for s in cfg.data.sources]
-    since, losses, n_steps = time.perf_counter(), [], 0  # the logging interval: no host sync inside it
-    for step in range(state["step"], t.steps):
-        for mb in batches.micro_batches(step, rank, world, t.micro_batch_size):
+
+    step, resumed_from = _resume(engine, run_dir, plan, rank)
+    _log(progress, rank, {"event": "start", "step": step, "resumed_from": resumed_from["checkpoint"],
+                          "rejected": resumed_from["rejected"]})
+    if step == 0:
+        _log(progress, rank, {"step": 0, "tokens": 0, "val_loss": evaluate(engine, val, cfg, rank, world, device)})
+    since, losses, n_steps, first = time.perf_counter(), [], 0, True  # the logging interval: no host sync inside
+    while step < t.steps:
+        mult = drills.loss_multiplier(step + 1)
+        mbs = batches.micro_batches(plan.data_step(step), rank, world, t.micro_batch_size)
+        for i, mb in enumerate(mbs):
             loss, _ = objective(engine, mb.to(device))
+            loss = loss * mult if mult is not None else loss
             engine.backward(loss)
-            engine.step()
             losses.append(loss.detach())
-        n_steps += 1
-        state = {"step": step + 1, "tokens": (step + 1) * t.global_batch_tokens}
-        last = step + 1 == t.steps
-        eval_due = (t.eval_every and (step + 1) % t.eval_every == 0) or last
-        if (step + 1) % t.log_every == 0 or eval_due:
+            if i == len(mbs) - 1:
+                sentry.before_update(step + 1, losses[-len(mbs):])
+            engine.step()
+        verdict = sentry.after_update()
+        drills.after_step(step + 1)
+        if verdict:
+            _log(progress, rank, {"step": step + 1, "event": "spike", "action": g.action, **verdict})
+            if g.action == "rollback":
+                step = _rollback(engine, run_dir, plan, step, g, rank, progress)
+                since, losses, n_steps = time.perf_counter(), [], 0
+                continue
+        step, n_steps = step + 1, n_steps + 1
+        tokens = step * t.global_batch_tokens
+        eval_due = (t.eval_every and step % t.eval_every == 0) or step == t.steps
+        if step % t.log_every == 0 or eval_due or first:
             loss_mean = _mean_across_ranks(torch.stack(losses).mean())  # syncs: the point of logging
             elapsed = time.perf_counter() - since
             tps = n_steps * t.global_batch_tokens / elapsed
-            metrics = {"step": step + 1, "tokens": state["tokens"], "loss": loss_mean, "grad_norm": _grad_norm(engine),
+            metrics = {"step": step, "tokens": tokens, "loss": loss_mean, "grad_norm": _grad_norm(engine),
                        "lr": engine.get_lr()[0], "step_time": elapsed / n_steps, "tokens_per_s": tps,
                        "tokens_per_s_per_worker": tps / world, "mfu": tps * tpf / (peak * world) if peak else None,
-                       "epochs": _epochs(batches, step, names)}
+                       "epochs": _epochs(batches, plan.data_step(step - 1), names)}
             if eval_due:
                 metrics["val_loss"] = evaluate(engine, val, cfg, rank, world, device)
             _log(progress, rank, metrics)
-            since, losses, n_steps = time.perf_counter(), [], 0
-        if (step + 1) % t.checkpoint_every == 0 or last:
-            _save_and_report(engine, cfg, state, rank, world)
+            since, losses, n_steps, first = time.perf_counter(), [], 0, False
+        if step % t.checkpoint_every == 0 or step == t.steps:
+            _save_and_report(engine, cfg, {"step": step, "tokens": tokens}, plan, rank, world, drills)
             since, n_steps = time.perf_counter(), 0  # checkpoint time is not step time
             losses.clear()
 
     sd = ckpt.full_state_dict(engine)
     if rank == 0:
-        _export(model, sd, loop_config["hf_uri"])
+        _export(model, sd, storage.join(run_dir, "hf"))
     dist.barrier()
+
+
+def _device(cfg: Config) -> torch.device:
+    if not cfg.train.use_gpu:
+        return torch.device("cpu")
+    import ray.train.torch
+
+    return ray.train.torch.get_device()
+
+
+def _resume(engine, run_dir: str, plan: DataPlan, rank: int) -> tuple[int, dict[str, Any]]:
+    """Load the newest committed checkpoint on storage (Ray's registered one, or a newer complete one whose
+    registration was lost); damaged or torn folders are skipped and reported. Returns the step to run next."""
+    with tempfile.TemporaryDirectory(prefix="raysmol-resume-") as tmp:
+        folder, state, rejected = ckpt.newest_valid(storage.join(run_dir, "checkpoints"), Path(tmp))
+        steps = [None] * dist.get_world_size()
+        dist.all_gather_object(steps, state["step"] if state else None)
+        if len(set(steps)) != 1:
+            raise ckpt.CheckpointError(f"ranks disagree on the checkpoint to resume from: steps {steps}")
+        info = {"checkpoint": None, "rejected": rejected}
+        if state is None:
+            return 0, info
+        state = ckpt.load(engine, folder)
+    ckpt.set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
+    _restore_plan(plan, state, run_dir)
+    info["checkpoint"] = storage.join(run_dir, "checkpoints", f"checkpoint_{state['step']:08d}")
+    return state["step"], info
+
+
+def _restore_plan(plan: DataPlan, state: dict[str, Any], run_dir: str) -> None:
+    # guard.json (written at each rollback) supersedes the checkpoint's plan: a crash between a rollback and
+    # the next checkpoint must not forget the data window it skipped.
+    guard_file = storage.join(run_dir, "guard.json")
+    saved = json.loads(storage.read_text(guard_file))["plan"] if storage.exists(guard_file) else state["data"].get("plan")
+    restored = DataPlan.from_dict(saved)
+    plan.skips[:], plan.lr_windows[:] = restored.skips, restored.lr_windows
+
+
+def _rollback(engine, run_dir: str, plan: DataPlan, step: int, g, rank: int, progress) -> int:
+    """Reload the last good checkpoint and skip `g.skip_batches` batches of data from the spike on."""
+    guard_file = storage.join(run_dir, "guard.json")
+    done = json.loads(storage.read_text(guard_file))["rollbacks"] if storage.exists(guard_file) else 0
+    if done >= g.max_rollbacks:
+        raise GuardError(f"loss spike at step {step + 1} after {done} rollbacks (guard.max_rollbacks={g.max_rollbacks}); "
+                         "stopping instead of burning compute on a diverging run: inspect metrics.jsonl, then lower "
+                         "optim.lr, raise guard.skip_batches or guard.max_rollbacks")
+    plan.skips.append((step, g.skip_batches))
+    if g.lr_steps:
+        plan.lr_windows.append((step, step + g.lr_steps, g.lr_factor))
+    dist.barrier()
+    if rank == 0:
+        storage.write_text(guard_file, json.dumps({"rollbacks": done + 1, "plan": plan.to_dict()}))
+    dist.barrier()
+    to_step, info = _resume(engine, run_dir, plan, rank)
+    if info["checkpoint"] is None:
+        raise GuardError(f"loss spike at step {step + 1} but no checkpoint to roll back to; "
+                         "lower train.checkpoint_every or use guard.action: skip")
+    _log(progress, rank, {"step": step + 1, "event": "rollback", "to_step": to_step, "checkpoint": info["checkpoint"],
+                          "skip_batches": g.skip_batches, "lr_factor": g.lr_factor, "lr_steps": g.lr_steps,
+                          "rollbacks": done + 1})
+    return to_step
 
 
 def _val_batches(cfg: Config, val_dirs: list[str | None], weights: list[float]) -> Batches | None:
@@ -194,25 +268,31 @@ def _gpu_peak() -> float | None:
 
 def _log(progress, rank: int, metrics: dict[str, Any]) -> None:
     if rank == 0 and progress is not None:
-        progress.log.remote(metrics)  # fire and forget: the driver writes metrics.jsonl and the progress bar
+        # Fire and forget: the driver writes metrics.jsonl and the progress bar.
+        progress.log.remote({**metrics, "time": time.time()})
 
 
-def _save_and_report(engine, cfg: Config, state: dict[str, Any], rank: int, world: int) -> None:
+def _save_and_report(engine, cfg: Config, state: dict[str, Any], plan: DataPlan, rank: int, world: int,
+                     drills: Drills) -> None:
     import ray.train
 
+    step = state["step"]
     rngs: list = [None] * world
     dist.all_gather_object(rngs, ckpt.rng_state())
     full = {**state, "world_size": world, "zero_stage": cfg.train.zero_stage, "config_hash": cfg.hash(),
-            "data": {"next_sample": state["step"] * cfg.train.samples_per_step()}, "rng": rngs}
+            "data": {"next_sample": plan.data_step(step) * cfg.train.samples_per_step(), "plan": plan.to_dict()},
+            "rng": rngs}
     with tempfile.TemporaryDirectory(prefix="raysmol-ckpt-") as d:
         ckpt.save(engine, Path(d), full)
-        ray.train.report({"step": state["step"]}, checkpoint=ray.train.Checkpoint.from_directory(d),
-                         checkpoint_dir_name=f"checkpoint_{state['step']:08d}")
+        drills.during_save(step)
+        ray.train.report({"step": step}, checkpoint=ray.train.Checkpoint.from_directory(d),
+                         checkpoint_dir_name=f"checkpoint_{step:08d}")
+    drills.after_report(step)
+    if rank == 0:
+        ckpt.prune(storage.join(drills.run_dir, "checkpoints"), cfg.train.keep_checkpoints)
 
 
 def _export(model, state_dict, hf_uri: str) -> None:
-    from raysmol import storage
-
     with tempfile.TemporaryDirectory(prefix="raysmol-hf-") as d:
         ckpt.export_hf(model, state_dict, Path(d))
         storage.upload_dir(d, hf_uri)

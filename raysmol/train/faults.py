@@ -1,0 +1,69 @@
+"""Fault drills (`faults.` config section): crashes, torn saves, loss spikes and NaNs on demand.
+
+Each drill fires at most once per run: before firing, a marker is written under `<run dir>/faults/`, so the
+run that Ray Train restarts gets past the same step. Off unless set.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from raysmol import storage
+from raysmol.config import FaultsConfig
+
+
+class InjectedFault(RuntimeError):
+    """Raised by a drill; never by anything else."""
+
+
+class Drills:
+    def __init__(self, cfg: FaultsConfig, run_dir: str, rank: int, progress=None):
+        self.cfg, self.rank, self.run_dir, self.progress = cfg, rank, run_dir, progress
+        self.markers = storage.join(run_dir, "faults")
+
+    def _once(self, name: str) -> bool:
+        """True the first time `name` is asked for in this run (across restarts)."""
+        marker = storage.join(self.markers, name)
+        if storage.exists(marker):
+            return False
+        storage.write_text(marker, name)
+        return True
+
+    def _crash(self, name: str, hard: bool) -> None:
+        if self.progress is not None:  # the recovery report measures from this moment
+            import ray
+
+            ray.get(self.progress.log.remote({"event": "fault", "fault": name, "rank": self.rank, "time": time.time()}))
+        if hard:
+            os._exit(17)  # no cleanup, no exception: like a segfault or an OOM kill
+        raise InjectedFault(f"fault drill: {name}")
+
+    def after_step(self, step: int) -> None:
+        c = self.cfg
+        if c.crash_at_step == step and self.rank == c.crash_rank and self._once(f"crash_at_step-{step}"):
+            self._crash(f"crash rank {self.rank} after step {step}", c.crash_mode == "exit")
+
+    def during_save(self, step: int) -> None:
+        """Between this rank's DeepSpeed files and the report: the other ranks' files still land."""
+        c = self.cfg
+        if c.kill_during_save_at_step == step and self.rank == c.crash_rank and self._once(f"kill_during_save-{step}"):
+            self._crash(f"rank {self.rank} killed while saving step {step}", hard=True)
+
+    def after_report(self, step: int) -> None:
+        c = self.cfg
+        if c.crash_after_report_at_step == step and self.rank == c.crash_rank and self._once(f"after_report-{step}"):
+            self._crash(f"rank {self.rank} died right after reporting step {step}", hard=True)
+
+    def loss_multiplier(self, step: int) -> float | None:
+        """A factor for this step's loss (a spike or NaN drill), or None. Same on every rank."""
+        c = self.cfg
+        if c.nan_at_step == step and self._seen_once_all_ranks(f"nan-{step}"):
+            return float("nan")
+        if c.spike_at_step == step and self._seen_once_all_ranks(f"spike-{step}"):
+            return c.spike_factor
+        return None
+
+    def _seen_once_all_ranks(self, name: str) -> bool:
+        # Every rank must inject together; each rank keeps its own marker so none races another's.
+        return self._once(f"{name}-rank{self.rank}")
