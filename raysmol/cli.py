@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 
+from raysmol import submit
 from raysmol.config import ConfigError, load_config
 
 
@@ -81,6 +82,9 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("pretrain", help="pretrain on Ray Train + DeepSpeed (default: the embedded tiny job)")
     _config_args(p, optional=True)
     p.set_defaults(fn=cmd_pretrain)
+    p = sub.add_parser("submit", help="run CONFIG on a Ray cluster as a job (ray job submit); or --status/--logs/--stop JOB")
+    submit.add_arguments(p)
+    p.set_defaults(fn=submit.main)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from raysmol.data.prepare import DataError
@@ -88,6 +92,6 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         sys.exit(args.fn(args))
-    except (ConfigError, DataError, TokenizerError) as e:
+    except (ConfigError, DataError, TokenizerError, submit.SubmitError) as e:
         print(f"raysmol: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -172,6 +172,9 @@ class FaultsConfig:
     spike_at_step: int | None = None  # multiply the loss (and so the gradients) by spike_factor
     spike_factor: float = 50.0
     nan_at_step: int | None = None  # make the loss NaN
+    # Every rank sleeps this long after this step (once): a window to kill a worker from outside in a rehearsal.
+    pause_at_step: int | None = None
+    pause_seconds: float = 30.0
 
 
 @dataclass
@@ -388,7 +391,8 @@ def validate(cfg: Config) -> None:
     need(g.skip_batches >= 0 and g.lr_steps >= 0, "guard.skip_batches/lr_steps", "must be >= 0")
     f = cfg.faults
     need(0 <= f.crash_rank < t.num_workers, "faults.crash_rank", f"must be a rank in [0, {t.num_workers}), got {f.crash_rank}")
-    for key in ("crash_at_step", "crash_after_report_at_step", "kill_during_save_at_step", "spike_at_step", "nan_at_step"):
+    for key in ("crash_at_step", "crash_after_report_at_step", "kill_during_save_at_step", "spike_at_step", "nan_at_step",
+                "pause_at_step"):
         v = getattr(f, key)
         need(v is None or 1 <= v <= t.steps, f"faults.{key}", f"must be a step in [1, train.steps={t.steps}], got {v}")
     for key in ("crash_after_report_at_step", "kill_during_save_at_step"):

@@ -212,6 +212,18 @@ def upload_dir(local_dir: PathLike, uri: PathLike) -> None:
     pafs.copy_files(src, path, source_filesystem=_LOCAL, destination_filesystem=fs)
 
 
+def upload_file(local_file: PathLike, uri: PathLike) -> None:
+    """Copy one local file to ``uri`` (streamed, never read whole into memory)."""
+    src = _local_path(local_file)
+    if not is_remote(uri):
+        dst = _local_path(uri)
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        shutil.copyfile(src, dst)
+        return
+    fs, path = filesystem(uri)
+    pafs.copy_files(src, path, source_filesystem=_LOCAL, destination_filesystem=fs)
+
+
 def download_dir(uri: PathLike, local_dir: PathLike) -> None:
     """Copy the directory ``uri`` recursively into the local directory ``local_dir`` (merging)."""
     dst = _local_path(local_dir)

@@ -6,6 +6,7 @@ run that Ray Train restarts gets past the same step. Off unless set.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -27,33 +28,40 @@ class Drills:
         marker = storage.join(self.markers, name)
         if storage.exists(marker):
             return False
-        storage.write_text(marker, name)
+        storage.write_text(marker, json.dumps({"drill": name, "rank": self.rank, "pid": os.getpid(), "time": time.time()}))
         return True
 
-    def _crash(self, name: str, hard: bool) -> None:
+    def _crash(self, name: str, hard: bool, step: int) -> None:
         if self.progress is not None:  # the recovery report measures from this moment
             import ray
 
-            ray.get(self.progress.log.remote({"event": "fault", "fault": name, "rank": self.rank, "time": time.time()}))
+            ray.get(self.progress.log.remote({"event": "fault", "fault": name, "rank": self.rank, "step": step,
+                                                 "time": time.time()}))
         if hard:
             os._exit(17)  # no cleanup, no exception: like a segfault or an OOM kill
         raise InjectedFault(f"fault drill: {name}")
 
+    def pause(self, step: int) -> None:
+        """After the step is logged, before its checkpoint: the window a rehearsal kills a worker in."""
+        c = self.cfg
+        if c.pause_at_step == step and self._once(f"pause_at_step-{step}-rank{self.rank}"):
+            time.sleep(c.pause_seconds)
+
     def after_step(self, step: int) -> None:
         c = self.cfg
         if c.crash_at_step == step and self.rank == c.crash_rank and self._once(f"crash_at_step-{step}"):
-            self._crash(f"crash rank {self.rank} after step {step}", c.crash_mode == "exit")
+            self._crash(f"crash rank {self.rank} after step {step}", c.crash_mode == "exit", step)
 
     def during_save(self, step: int) -> None:
-        """Between this rank's DeepSpeed files and the report: the other ranks' files still land."""
+        """Midway through this rank's upload of a checkpoint: some of its files are on storage, the rest never land."""
         c = self.cfg
         if c.kill_during_save_at_step == step and self.rank == c.crash_rank and self._once(f"kill_during_save-{step}"):
-            self._crash(f"rank {self.rank} killed while saving step {step}", hard=True)
+            self._crash(f"rank {self.rank} killed while saving step {step}", True, step)
 
     def after_report(self, step: int) -> None:
         c = self.cfg
         if c.crash_after_report_at_step == step and self.rank == c.crash_rank and self._once(f"after_report-{step}"):
-            self._crash(f"rank {self.rank} died right after reporting step {step}", hard=True)
+            self._crash(f"rank {self.rank} died right after reporting step {step}", True, step)
 
     def loss_multiplier(self, step: int) -> float | None:
         """A factor for this step's loss (a spike or NaN drill), or None. Same on every rank."""

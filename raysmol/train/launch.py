@@ -194,7 +194,8 @@ def recovery_report(rows: list[dict]) -> list[dict[str, Any]]:
         before, start = rows[a:b], rows[b]
         faults = [r for r in before if r.get("event") == "fault"]
         failed_at = faults[-1]["time"] if faults else max(r["time"] for r in before)
-        reached = max((r["step"] for r in before if "loss" in r), default=0)
+        # Steps finished before the failure: the last one logged, or the drill's step (it may not be logged yet).
+        reached = max([r["step"] for r in before if "loss" in r] + [f["step"] for f in faults if "step" in f] + [0])
         first = next((r for r in rows[b + 1:] if "loss" in r), None)
         out.append({
             "failure": faults[-1]["fault"] if faults else "worker lost (no drill): killed, crashed or node gone",

@@ -140,6 +140,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
                 metrics["val_loss"] = evaluate(engine, val, cfg, rank, world, device)
             _log(progress, rank, metrics)
             since, losses, n_steps, first = time.perf_counter(), [], 0, False
+        drills.pause(step)
         if step % t.checkpoint_every == 0 or step == t.steps:
             _save_and_report(engine, cfg, {"step": step, "tokens": tokens}, plan, rank, world, drills)
             since, n_steps = time.perf_counter(), 0  # checkpoint time is not step time
@@ -282,14 +283,34 @@ def _save_and_report(engine, cfg: Config, state: dict[str, Any], plan: DataPlan,
     full = {**state, "world_size": world, "zero_stage": cfg.train.zero_stage, "config_hash": cfg.hash(),
             "data": {"next_sample": plan.data_step(step) * cfg.train.samples_per_step(), "plan": plan.to_dict()},
             "rng": rngs}
+    dir_name = f"checkpoint_{step:08d}"
     with tempfile.TemporaryDirectory(prefix="raysmol-ckpt-") as d:
         ckpt.save(engine, Path(d), full)
-        drills.during_save(step)
-        ray.train.report({"step": step}, checkpoint=ray.train.Checkpoint.from_directory(d),
-                         checkpoint_dir_name=f"checkpoint_{step:08d}")
+        ray.train.report({"step": step}, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=dir_name,
+                         checkpoint_upload_fn=lambda c, name: _upload(c, name, drills, step, rank))
     drills.after_report(step)
     if rank == 0:
         ckpt.prune(storage.join(drills.run_dir, "checkpoints"), cfg.train.keep_checkpoints)
+
+
+def _upload(checkpoint, dir_name: str, drills: Drills, step: int, rank: int):
+    """Every rank uploads its files, then rank 0 uploads state.json: it lands only once the checkpoint is whole,
+    so a save killed midway leaves a folder without state.json, which resume never loads."""
+    import ray.train
+
+    local = Path(checkpoint.path)
+    dest = storage.join(drills.run_dir, "checkpoints", dir_name)
+    files = sorted(p for p in local.rglob("*") if p.is_file() and p.name != ckpt.STATE_FILE)
+    for i, f in enumerate(files):
+        storage.upload_file(f, storage.join(dest, f.relative_to(local).as_posix()))
+        if i == 0:
+            drills.during_save(step)
+    dist.barrier()
+    if rank == 0:
+        storage.upload_file(local / ckpt.STATE_FILE, storage.join(dest, ckpt.STATE_FILE))
+    dist.barrier()
+    path, fs = storage.ray_storage(dest)
+    return ray.train.Checkpoint(path, filesystem=fs)
 
 
 def _export(model, state_dict, hf_uri: str) -> None:

@@ -1,0 +1,239 @@
+"""Failures: exact resume after crashes (exception, hard exit, kill -9), torn and corrupted checkpoints, lost
+checkpoint registrations, loss spikes (skip, rollback, bound), object storage. Faults are injected for real."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import small_config
+from safetensors.torch import load_file
+
+from raysmol import storage
+from raysmol.train import checkpoint as ckpt
+from raysmol.train.guard import DataPlan, GuardedAdamW, SpikeGuard
+from raysmol.train.launch import pretrain, recovery_report
+
+# A 6-step, 2-worker ZeRO-2 run with a checkpoint every 2 steps is the reference for every fault below.
+BASE = {"train.steps": 6, "train.checkpoint_every": 2, "train.keep_checkpoints": 3, "train.max_failures": 2}
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "hf" / "model.safetensors")
+
+
+def assert_bit_exact(run: Path, ref: Path) -> None:
+    a, b = weights(run), weights(ref)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def run(tmp_path: Path, small_data, overrides: dict) -> tuple[dict, Path]:
+    cfg = small_config(tmp_path, small_data, {**BASE, **overrides})
+    return pretrain(cfg, show_progress=False), tmp_path / "runs" / "t"
+
+
+@pytest.fixture(scope="module")
+def reference(ray_local, small_data, tmp_path_factory):
+    summary, path = run(tmp_path_factory.mktemp("reference"), small_data, {})
+    assert summary["recovery"] == []
+    return path
+
+
+# ---------------------------------------------------------------- pure pieces
+
+
+def test_guard_flags_non_finite_and_outliers_after_warmup():
+    g = SpikeGuard(window=10, min_steps=3, loss_zscore=4.0, grad_norm_factor=5.0)
+    assert g.check(1, float("nan"), 1.0).startswith("non-finite loss")
+    assert g.check(2, 50.0, 1.0) is None  # no statistics yet: only non-finite values are flagged
+    for s, x in enumerate([3.0, 3.1, 2.9, 3.05]):
+        g.accept(x, 1.0)
+    assert g.check(10, 3.2, 1.2) is None
+    assert "loss" in g.check(11, 9.0, 1.0)
+    assert "grad norm" in g.check(12, 3.0, 6.0)
+    assert g.check(13, 3.0, float("inf")).startswith("non-finite grad norm")
+
+
+def test_data_plan_skips_batches_and_scales_lr():
+    p = DataPlan(skips=[(4, 3)], lr_windows=[(4, 6, 0.5)])
+    assert [p.data_step(s) for s in range(7)] == [0, 1, 2, 3, 7, 8, 9]
+    assert [p.lr_factor(s) for s in range(3, 7)] == [1.0, 0.5, 0.5, 1.0]
+    assert DataPlan.from_dict(p.to_dict()) == p
+
+
+def test_a_vetoed_update_leaves_weights_and_moments_untouched():
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = GuardedAdamW([w], lr=0.1)
+    w.grad = torch.ones(3)
+    opt.step()
+    before_w, before_m = w.detach().clone(), opt.state[w]["exp_avg"].clone()
+    opt.veto = lambda: True
+    w.grad = torch.full((3,), 100.0)
+    opt.step()
+    assert torch.equal(w, before_w) and torch.equal(opt.state[w]["exp_avg"], before_m)
+
+
+def make_checkpoint(root: Path, step: int, payload: bytes = b"weights") -> Path:
+    folder = root / f"checkpoint_{step:08d}"
+    (folder / "ds").mkdir(parents=True)
+    (folder / "ds" / "w.pt").write_bytes(payload)
+    (folder / ckpt.STATE_FILE).write_text(json.dumps({"step": step, "files": ckpt.file_checksums(folder)}))
+    return folder
+
+
+def test_newest_valid_skips_torn_and_corrupted_checkpoints(tmp_path):
+    root = tmp_path / "checkpoints"
+    make_checkpoint(root, 2)
+    make_checkpoint(root, 4)
+    (make_checkpoint(root, 6) / "ds" / "w.pt").write_bytes(b"bit rot")
+    torn = make_checkpoint(root, 8)
+    (torn / ckpt.STATE_FILE).unlink()
+    folder, state, rejected = ckpt.newest_valid(str(root), tmp_path / "dl")
+    assert state["step"] == 4 and folder.name == "checkpoint_00000004"
+    assert [r["step"] for r in rejected] == [8, 6]
+    assert "never finished" in rejected[0]["reason"] and "checksum" in rejected[1]["reason"]
+
+
+def test_prune_keeps_the_newest_and_removes_orphans(tmp_path):
+    root = tmp_path / "checkpoints"
+    for s in (2, 4, 6, 8):
+        make_checkpoint(root, s)
+    (root / "checkpoint_00000005").mkdir()  # a torn save that Ray never registered
+    (root / "checkpoint_00000010").mkdir()  # newer than every complete one: maybe still being written
+    ckpt.prune(str(root), keep=2)
+    assert sorted(p.name for p in root.iterdir()) == ["checkpoint_00000006", "checkpoint_00000008", "checkpoint_00000010"]
+
+
+def test_recovery_report_from_rows():
+    rows = [{"event": "start", "step": 0, "time": 0.0}, {"step": 1, "loss": 5, "time": 1.0},
+            {"step": 2, "loss": 5, "time": 2.0}, {"step": 3, "loss": 5, "time": 3.0},
+            {"event": "fault", "fault": "crash", "step": 3, "time": 3.5},
+            {"event": "start", "step": 2, "resumed_from": "x/checkpoint_00000002", "rejected": [], "time": 9.0},
+            {"step": 3, "loss": 5, "time": 10.0}]
+    (r,) = recovery_report(rows)
+    assert r == {"failure": "crash", "resumed_from": "x/checkpoint_00000002", "rejected_checkpoints": [],
+                 "resume_step": 2, "steps_redone": 1, "seconds_to_first_resumed_step": 6.5}
+
+
+# ---------------------------------------------------------------- real runs
+
+
+@pytest.mark.parametrize("mode,rank", [("exception", 0), ("exit", 1)])
+def test_crash_resumes_bit_exact(reference, small_data, tmp_path, mode, rank):
+    summary, path = run(tmp_path, small_data, {"faults.crash_at_step": 5, "faults.crash_mode": mode,
+                                               "faults.crash_rank": rank})
+    (rec,) = summary["recovery"]
+    assert rec["resume_step"] == 4 and rec["steps_redone"] == 1 and rec["resumed_from"].endswith("checkpoint_00000004")
+    assert "after step 5" in rec["failure"] and rec["seconds_to_first_resumed_step"] > 0
+    assert_bit_exact(path, reference)
+
+
+def test_kill_9_from_outside_resumes_bit_exact(reference, small_data, tmp_path):
+    box = {}
+    worker = threading.Thread(target=lambda: box.update(r=run(tmp_path, small_data, {"faults.pause_at_step": 3,
+                                                                                     "faults.pause_seconds": 60})))
+    worker.start()
+    marker = tmp_path / "runs" / "t" / "faults" / "pause_at_step-3-rank1"
+    deadline = time.time() + 120
+    while not marker.exists() and time.time() < deadline:
+        time.sleep(0.2)
+    assert marker.exists(), "the run never reached the pause"
+    os.kill(json.loads(marker.read_text())["pid"], signal.SIGKILL)  # rank 1's worker process, from outside
+    worker.join(timeout=300)
+    summary, path = box["r"]
+    (rec,) = summary["recovery"]
+    assert rec["failure"].startswith("worker lost") and rec["resume_step"] == 2 and rec["steps_redone"] == 1
+    assert_bit_exact(path, reference)
+
+
+def test_a_save_killed_midway_is_never_loaded(reference, small_data, tmp_path):
+    # Rank 1 dies after writing its files but before reporting; rank 0 reports: checkpoint_4 lands torn.
+    summary, path = run(tmp_path, small_data, {"faults.kill_during_save_at_step": 4, "faults.crash_rank": 1})
+    (rec,) = summary["recovery"]
+    assert rec["resume_step"] == 2 and rec["rejected_checkpoints"][0]["step"] == 4
+    assert "missing" in rec["rejected_checkpoints"][0]["reason"] or "never finished" in rec["rejected_checkpoints"][0]["reason"]
+    assert_bit_exact(path, reference)
+    assert ckpt.verify(path / "checkpoints" / "checkpoint_00000004")["step"] == 4  # re-saved whole
+
+
+def test_a_checkpoint_whose_registration_was_lost_is_still_used(reference, small_data, tmp_path):
+    summary, path = run(tmp_path, small_data, {"faults.crash_after_report_at_step": 4, "faults.crash_rank": 0})
+    (rec,) = summary["recovery"]
+    assert rec["resume_step"] == 4 and rec["steps_redone"] == 0
+    assert_bit_exact(path, reference)
+
+
+def test_corrupted_checkpoint_falls_back_and_resubmitting_continues(reference, small_data, tmp_path):
+    copy = tmp_path / "runs" / "t"
+    shutil.copytree(reference, copy)
+    (copy / "hf").rename(tmp_path / "old_hf")
+    victim = next((copy / "checkpoints" / "checkpoint_00000006" / "ds").glob("*optim*"))
+    victim.write_bytes(victim.read_bytes()[::-1])  # bit rot in the newest checkpoint
+    cfg = small_config(tmp_path, small_data, BASE)  # the same run name and output dir: a re-submission
+    summary = pretrain(cfg, show_progress=False)
+    (rec,) = summary["recovery"]
+    assert rec["resume_step"] == 4 and rec["steps_redone"] == 2
+    assert "checksum" in rec["rejected_checkpoints"][0]["reason"]
+    assert_bit_exact(copy, reference)
+
+
+def ds_weights(folder: Path) -> dict[str, torch.Tensor]:
+    return torch.load(folder / "ds" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+
+
+def test_spike_and_nan_updates_are_skipped(ray_local, small_data, tmp_path):
+    summary, path = run(tmp_path, small_data, {
+        "guard.action": "skip", "guard.min_steps": 2, "faults.spike_at_step": 4, "faults.nan_at_step": 6,
+        "train.steps": 7, "train.checkpoint_every": 1, "train.keep_checkpoints": 10})
+    events = {e["step"]: e for e in summary["events"]}
+    assert set(events) == {4, 6} and not events[4]["update_applied"] and not events[6]["update_applied"]
+    assert "loss" in events[4]["reason"] and "non-finite" in events[6]["reason"]
+    c = {s: ds_weights(path / "checkpoints" / f"checkpoint_{s:08d}") for s in range(2, 8)}
+    for before, after in ((3, 4), (5, 6)):  # the skipped updates never reached the weights
+        assert all(torch.equal(c[before][k], c[after][k]) for k in c[before])
+    assert any(not torch.equal(c[4][k], c[5][k]) for k in c[4])  # the next step trains as usual
+    assert all(torch.isfinite(v).all() for v in c[7].values())
+
+
+def test_rollback_skips_the_data_window_and_is_recorded(ray_local, small_data, tmp_path):
+    summary, path = run(tmp_path, small_data, {
+        "guard.action": "rollback", "guard.min_steps": 2, "guard.skip_batches": 3, "guard.lr_factor": 0.5,
+        "guard.lr_steps": 2, "faults.spike_at_step": 5})
+    spike, rollback = summary["events"]
+    assert spike["event"] == "spike" and spike["step"] == 5
+    assert rollback["event"] == "rollback" and rollback["to_step"] == 4
+    state = ckpt.verify(path / "checkpoints" / "checkpoint_00000006")
+    assert state["data"]["plan"] == {"skips": [[4, 3]], "lr_windows": [[4, 6, 0.5]]}
+    assert state["data"]["next_sample"] == (6 + 3) * 8  # the spike's batch and the two after it were skipped
+    rows = [r for r in metrics(path) if "loss" in r]
+    assert [r["step"] for r in rows][-2:] == [5, 6] and all(r["loss"] < 20 for r in rows)
+
+
+def test_rollbacks_are_bounded(ray_local, small_data, tmp_path):
+    with pytest.raises(Exception, match="max_rollbacks"):
+        run(tmp_path, small_data, {"guard.action": "rollback", "guard.min_steps": 2, "guard.max_rollbacks": 1,
+                                   "guard.skip_batches": 0, "faults.spike_at_step": 5, "faults.nan_at_step": 6,
+                                   "train.max_failures": 0})
+
+
+def test_checkpoints_on_object_storage_survive_a_restart(reference, small_data, tmp_path, s3_server):
+    bucket = s3_server.bucket("raysmol-restart-test")
+    summary, _ = run(tmp_path, small_data, {"run.output_dir": bucket + "/runs", "faults.crash_at_step": 3,
+                                            "faults.crash_mode": "exit"})
+    (rec,) = summary["recovery"]
+    assert rec["resumed_from"] == bucket + "/runs/t/checkpoints/checkpoint_00000002" and rec["steps_redone"] == 1
+    storage.download_dir(bucket + "/runs/t/hf", tmp_path / "dl" / "hf")
+    assert_bit_exact(tmp_path / "dl", reference)
