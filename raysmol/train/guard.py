@@ -29,7 +29,7 @@ class GuardedAdamW(torch.optim.AdamW):
 
     DeepSpeed's ZeRO optimizers call this `step()` after computing the global grad norm and before changing
     any weight, so the veto can look at this step's loss and grad norm. ZeRO-3 may call it once per
-    parameter sub-group: the veto must give one answer per optimizer step (SpikeGuard caches it).
+    parameter sub-group: the veto must give one answer per optimizer step (Sentry decides once per step).
     """
 
     veto: Callable[[], bool] | None = None
@@ -72,13 +72,10 @@ class SpikeGuard:
         self.losses: deque[float] = deque(maxlen=window)
         self.norms: deque[float] = deque(maxlen=window)
         self.min_steps, self.loss_zscore, self.grad_norm_factor = min_steps, loss_zscore, grad_norm_factor
-        self._decided: dict[int, str | None] = {}
 
-    def check(self, step: int, loss: float, grad_norm: float | None) -> str | None:
-        """Why this step is a spike, or None. Cached per step (ZeRO-3 asks once per sub-group)."""
-        if step not in self._decided:
-            self._decided = {step: self._reason(loss, grad_norm)}
-        return self._decided[step]
+    def check(self, loss: float, grad_norm: float | None) -> str | None:
+        """Why a step with this loss and grad norm is a spike, or None."""
+        return self._reason(loss, grad_norm)
 
     def accept(self, loss: float, grad_norm: float | None) -> None:
         """A healthy step joins the running statistics (spikes never do, or they would hide the next one)."""
@@ -148,7 +145,8 @@ class Sentry:
         if p["reason"] is None:
             self.guard.accept(p["loss"], p["grad_norm"])
             return None
-        return {"reason": p["reason"], "loss": p["loss"], "grad_norm": p["grad_norm"],
+        # Not "loss"/"grad_norm": metrics rows are the ones with those keys.
+        return {"reason": p["reason"], "observed_loss": p["loss"], "observed_grad_norm": p["grad_norm"],
                 "update_applied": not p["vetoed"] and math.isfinite(p["grad_norm"] or 0.0)}
 
     def _check(self, p: dict[str, Any]) -> None:
@@ -158,5 +156,5 @@ class Sentry:
             # ZeRO optimizers compute the global (all-reduced) norm before calling the torch optimizer.
             g = getattr(self.engine.optimizer, "_global_grad_norm", None)
             p["grad_norm"] = float(g) if g is not None else None
-        p["reason"] = self.guard.check(p["step"], p["loss"], p["grad_norm"])
+        p["reason"] = self.guard.check(p["loss"], p["grad_norm"])
         p["checked"] = True
