@@ -237,3 +237,18 @@ def test_checkpoints_on_object_storage_survive_a_restart(reference, small_data, 
     assert rec["resumed_from"] == bucket + "/runs/t/checkpoints/checkpoint_00000002" and rec["steps_redone"] == 1
     storage.download_dir(bucket + "/runs/t/hf", tmp_path / "dl" / "hf")
     assert_bit_exact(tmp_path / "dl", reference)
+
+
+@pytest.mark.parametrize("first,second", [(2, 1), (1, 2)])
+def test_a_new_world_size_resumes_on_the_same_loss_curve(reference, small_data, tmp_path, first, second):
+    """Checkpoint at one world size, resume at another: ZeRO-2 state resharded through DeepSpeed's universal
+    checkpoint, gradient accumulation adjusted so the global batch and the sample order stay the same."""
+    with pytest.raises(Exception, match="fault drill"):
+        run(tmp_path, small_data, {"train.num_workers": first, "faults.crash_at_step": 5, "train.max_failures": 0})
+    summary, path = run(tmp_path, small_data, {"train.num_workers": second})
+    assert summary["recovery"][-1]["resume_step"] == 4
+    ref = {r["step"]: r["loss"] for r in metrics(reference) if "loss" in r}
+    resumed = [r for r in metrics(path) if "loss" in r][-2:]
+    assert [r["step"] for r in resumed] == [5, 6]
+    for r in resumed:
+        assert abs(r["loss"] - ref[r["step"]]) < 1e-4, (r["step"], r["loss"], ref[r["step"]])

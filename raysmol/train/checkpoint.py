@@ -136,6 +136,12 @@ def load(engine, folder: Path) -> dict[str, Any]:
     return state
 
 
+def load_universal(engine, universal: Path) -> None:
+    """Load a checkpoint converted to DeepSpeed's universal format (any world size)."""
+    engine.load_checkpoint(str(universal), tag=DS_TAG, load_module_strict=True,
+                           load_optimizer_states=True, load_lr_scheduler_states=True)
+
+
 def rng_state() -> dict[str, Any]:
     return {"torch": torch.get_rng_state().tolist()}
 

@@ -30,7 +30,7 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "B200": 2250e12, "
               "L40S": 362e12, "L4": 121e12, "A10G": 125e12}
 
 
-def deepspeed_config(cfg: Config, world: int) -> dict[str, Any]:
+def deepspeed_config(cfg: Config, world: int, load_universal: bool = False) -> dict[str, Any]:
     t = cfg.train
     stage3 = {"stage3_gather_16bit_weights_on_model_save": True} if t.zero_stage == 3 else {}
     return {
@@ -43,6 +43,8 @@ def deepspeed_config(cfg: Config, world: int) -> dict[str, Any]:
         # torch.optim.AdamW is passed in: DeepSpeed's own AdamW compiles a CPU FusedAdam (~80 s) and changes the numbers.
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
+        # A checkpoint saved at another world size is loaded through DeepSpeed's universal format.
+        **({"checkpoint": {"load_universal": True}} if load_universal else {}),
     }
 
 
@@ -92,15 +94,21 @@ def train_func(loop_config: dict[str, Any]) -> None:
     plan = DataPlan()  # data skips and lr windows from rollbacks; restored with the checkpoint
     base_lr = lr_multiplier(o, t.steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: base_lr(s) * plan.lr_factor(s))
+    resume_dir = tempfile.TemporaryDirectory(prefix="raysmol-resume-")
+    found = _choose_checkpoint(run_dir, Path(resume_dir.name))
+    # ZeRO 1-3 shard optimizer state by data-parallel rank: a checkpoint from another world size (an elastic
+    # resize, a re-submission with more or fewer workers) is resharded through DeepSpeed's universal format.
+    universal = bool(found[1] and found[1]["world_size"] != world and t.zero_stage > 0)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(cfg, world))
+                                           config=deepspeed_config(cfg, world, universal))
     sentry = Sentry(engine, SpikeGuard(g.window, g.min_steps, g.loss_zscore, g.grad_norm_factor), g.action)
     optimizer.veto = sentry.veto
     objective = OBJECTIVES["causal_lm"]
     tpf, peak = flops_per_token(cfg), t.peak_flops or (_gpu_peak() if t.use_gpu else None)
     names = [s.name for s in cfg.data.sources]
 
-    step, resumed_from = _resume(engine, run_dir, plan, rank)
+    step, resumed_from = _resume(engine, run_dir, plan, rank, found, universal)
+    resume_dir.cleanup()
     _log(progress, rank, {"event": "start", "step": step, "resumed_from": resumed_from["checkpoint"],
                           "rejected": resumed_from["rejected"]})
     if step == 0:
@@ -160,23 +168,49 @@ def _device(cfg: Config) -> torch.device:
     return ray.train.torch.get_device()
 
 
-def _resume(engine, run_dir: str, plan: DataPlan, rank: int) -> tuple[int, dict[str, Any]]:
-    """Load the newest committed checkpoint on storage (Ray's registered one, or a newer complete one whose
-    registration was lost); damaged or torn folders are skipped and reported. Returns the step to run next."""
-    with tempfile.TemporaryDirectory(prefix="raysmol-resume-") as tmp:
-        folder, state, rejected = ckpt.newest_valid(storage.join(run_dir, "checkpoints"), Path(tmp))
-        steps = [None] * dist.get_world_size()
-        dist.all_gather_object(steps, state["step"] if state else None)
-        if len(set(steps)) != 1:
-            raise ckpt.CheckpointError(f"ranks disagree on the checkpoint to resume from: steps {steps}")
-        info = {"checkpoint": None, "rejected": rejected}
-        if state is None:
-            return 0, info
+def _choose_checkpoint(run_dir: str, tmp: Path) -> tuple[Path | None, dict | None, list[dict]]:
+    """The newest committed checkpoint on storage (Ray's registered one, or a newer complete one whose
+    registration was lost); damaged or torn folders are skipped and reported. Every rank must agree."""
+    folder, state, rejected = ckpt.newest_valid(storage.join(run_dir, "checkpoints"), tmp)
+    steps = [None] * dist.get_world_size()
+    dist.all_gather_object(steps, state["step"] if state else None)
+    if len(set(steps)) != 1:
+        raise ckpt.CheckpointError(f"ranks disagree on the checkpoint to resume from: steps {steps}")
+    return folder, state, rejected
+
+
+def _resume(engine, run_dir: str, plan: DataPlan, rank: int, found, universal: bool = False) -> tuple[int, dict]:
+    """Load the chosen checkpoint (model, optimizer, scheduler, RNG, data plan); returns the step to run next."""
+    folder, state, rejected = found
+    info = {"checkpoint": None, "rejected": rejected}
+    if state is None:
+        return 0, info
+    if universal:
+        state = ckpt.verify(folder)
+        ckpt.load_universal(engine, _to_universal(folder, state["step"]))
+    else:
         state = ckpt.load(engine, folder)
     ckpt.set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
     _restore_plan(plan, state, run_dir)
     info["checkpoint"] = storage.join(run_dir, "checkpoints", f"checkpoint_{state['step']:08d}")
     return state["step"], info
+
+
+def _to_universal(folder: Path, step: int) -> Path:
+    """Convert once per node (local rank 0) into a node-local folder every local rank then reads."""
+    import hashlib
+    import subprocess
+    import sys
+
+    out = Path(tempfile.gettempdir()) / "raysmol-universal" / hashlib.sha256(f"{folder}:{step}".encode()).hexdigest()[:16]
+    if int(os.environ.get("LOCAL_RANK", dist.get_rank())) == 0 and not (out / "done").exists():
+        subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                        str(folder / ckpt.DS_TAG), "--output_folder", str(out / ckpt.DS_TAG), "--inject_missing_state",
+                        "--num_extract_workers", "1", "--num_merge_workers", "1"],
+                       check=True, capture_output=True, env={**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")})
+        (out / "done").write_text("ok")
+    dist.barrier()
+    return out
 
 
 def _restore_plan(plan: DataPlan, state: dict[str, Any], run_dir: str) -> None:
@@ -203,7 +237,12 @@ def _rollback(engine, run_dir: str, plan: DataPlan, step: int, g, rank: int, pro
     if rank == 0:
         storage.write_text(guard_file, json.dumps({"rollbacks": done + 1, "plan": plan.to_dict()}))
     dist.barrier()
-    to_step, info = _resume(engine, run_dir, plan, rank)
+    with tempfile.TemporaryDirectory(prefix="raysmol-rollback-") as tmp:
+        found = _choose_checkpoint(run_dir, Path(tmp))
+        if found[1] and found[1]["world_size"] != dist.get_world_size():
+            raise GuardError(f"loss spike at step {step + 1}: the last checkpoint was saved at world size "
+                             f"{found[1]['world_size']}; an in-run rollback needs one from this world size")
+        to_step, info = _resume(engine, run_dir, plan, rank, found)
     if info["checkpoint"] is None:
         raise GuardError(f"loss spike at step {step + 1} but no checkpoint to roll back to; "
                          "lower train.checkpoint_every or use guard.action: skip")
