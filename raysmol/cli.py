@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("pretrain", help="pretrain on Ray Train + DeepSpeed (default: the embedded tiny job)")
     _config_args(p, optional=True)
     p.set_defaults(fn=cmd_pretrain)
-    p = sub.add_parser("submit", help="run CONFIG on a Ray cluster as a job (ray job submit); or --status/--logs/--stop JOB")
+    p = sub.add_parser("submit", help="run CONFIG on a Ray cluster as a job; or --status/--logs/--stop JOB")
     submit.add_arguments(p)
     p.set_defaults(fn=submit.main)
     args = parser.parse_args(argv)

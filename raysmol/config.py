@@ -109,6 +109,9 @@ class TrainConfig:
     micro_batch_size: int = 8
     seq_len: int = 128
     num_workers: int = 2
+    # Elastic training: with min_workers < num_workers Ray Train starts with as many workers as fit (at least
+    # min_workers) and restarts at a new size when nodes come or go; the global batch stays the same.
+    min_workers: int | None = None
     use_gpu: bool = False
     zero_stage: int = 2
     # auto = bf16 on GPUs, fp32 on CPUs.
@@ -381,6 +384,13 @@ def validate(cfg: Config) -> None:
     need(t.global_batch_tokens % per_worker == 0, "train.global_batch_tokens",
          f"{t.global_batch_tokens} is not a multiple of micro_batch_size*seq_len*num_workers = {per_worker}; "
          f"nearest valid: {max(per_worker, round(t.global_batch_tokens / per_worker) * per_worker)}")
+    if t.min_workers is not None:
+        need(1 <= t.min_workers <= t.num_workers, "train.min_workers",
+             f"must be in [1, train.num_workers={t.num_workers}], got {t.min_workers}")
+        bad = [w for w in range(t.min_workers, t.num_workers + 1)
+               if t.global_batch_tokens % (t.micro_batch_size * t.seq_len * w)]
+        need(not bad, "train.min_workers", f"train.global_batch_tokens={t.global_batch_tokens} does not split over "
+             f"{bad} workers x micro_batch_size x seq_len; every size in [min_workers, num_workers] must divide it")
     need(t.max_failures >= 0, "train.max_failures", f"must be >= 0, got {t.max_failures}")
     g = cfg.guard
     for key in ("window", "min_steps", "max_rollbacks"):

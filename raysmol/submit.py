@@ -39,8 +39,10 @@ DEFAULT_EXCLUDES = (
     ".git/", ".venv/", "venv/", "runs/", "__pycache__/", "*.pyc", "*.egg-info/", ".cache/", ".pytest_cache/",
     ".hypothesis/", ".mypy_cache/", ".ruff_cache/", "build/", "dist/", ".ipynb_checkpoints/",
 )
-# A zip entry costs a local header (30 B) and a central-directory record (46 B), each with the name.
+# A zip entry costs a local header (30 B) and a central-directory record (46 B), each with the name; the
+# archive ends with a 22 B end-of-central-directory record.
 _ZIP_ENTRY_BYTES = 76
+_ZIP_END_BYTES = 22
 _TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 _TOP_PATHS = 5
 
@@ -71,7 +73,7 @@ class Upload:
     @property
     def package_bytes(self) -> int:
         # Ray zips with ZIP_STORED (no compression): the package is the files plus per-entry headers.
-        return sum(n + _ZIP_ENTRY_BYTES + 2 * len(p.encode()) for p, n in self.sizes.items())
+        return _ZIP_END_BYTES + sum(n + _ZIP_ENTRY_BYTES + 2 * len(p.encode()) for p, n in self.sizes.items())
 
     def largest(self, k: int = _TOP_PATHS) -> list[tuple[str, int]]:
         """The k largest files and directories (a directory counts everything uploaded below it)."""
@@ -149,7 +151,8 @@ def build_job(config: str, overrides: list[str], working_dir: Path, excludes: li
         # Submitting from outside a raysmol checkout: ship this raysmol too, so the cluster runs this version.
         runtime_env["py_modules"] = [str(package)]
     entry = shlex.join(["python", "-m", "raysmol", "pretrain", rel, *overrides])
-    sid = re.sub(r"[^A-Za-z0-9_-]", "-", f"raysmol-{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}")
+    stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+    sid = re.sub(r"[^A-Za-z0-9_-]", "-", f"raysmol-{cfg.run.name}-{stamp}")
     meta = {"raysmol_config": rel, "raysmol_run": cfg.run.name, "raysmol_overrides": " ".join(overrides)}
     return JobSpec(entry, runtime_env, sid, meta), cfg
 
@@ -204,7 +207,9 @@ def connect(address: str | None) -> JobSubmissionClient:
     from ray.job_submission import JobSubmissionClient
 
     token = auth_token()
-    headers = {"Authorization": f"Bearer {token}"} if token else None
+    # X-Ray-Authorization too: Ray reads it when a proxy in between (kubectl proxy, an API gateway) consumes
+    # the Authorization header for its own authentication.
+    headers = {"Authorization": f"Bearer {token}", "X-Ray-Authorization": f"Bearer {token}"} if token else None
     return _call(address, lambda: JobSubmissionClient(address, headers=headers))
 
 
@@ -215,8 +220,8 @@ def _call(address: str, fn):
     try:
         return fn()
     except AuthenticationError as e:
-        raise SubmitError(f"{address} refused the request: {str(e).splitlines()[0]} Set RAY_AUTH_TOKEN (or "
-                          f"~/.ray/auth_token) to the cluster's token (`ray get-auth-token` on the head).") from None
+        raise SubmitError(f"{address} refused the request ({str(e).splitlines()[0]}); set RAY_AUTH_TOKEN (or "
+                          f"~/.ray/auth_token) to the cluster's token (`ray get-auth-token` on the head)") from None
     except ConnectionError as e:
         raise SubmitError(f"cannot reach the Ray dashboard at {address} ({e}); is the cluster up and the SSH "
                           f"tunnel open?") from None

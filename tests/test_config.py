@@ -104,3 +104,12 @@ def test_config_command_reports_errors_with_exit_2():
     out = subprocess.run([sys.executable, "-m", "raysmol", "config", "model.hidden_size=-1"],
                          capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 2 and "model.hidden_size: must be positive" in out.stderr
+
+
+def test_elastic_sizes_must_all_split_the_global_batch():
+    cfg = load_config(None, ["train.min_workers=1", "train.num_workers=2"])
+    assert cfg.train.min_workers == 1
+    with pytest.raises(ConfigError, match=r"train.min_workers: .*\[3\] workers"):
+        load_config(None, ["train.min_workers=2", "train.num_workers=4", "train.micro_batch_size=4"])
+    with pytest.raises(ConfigError, match="train.min_workers: must be in"):
+        load_config(None, ["train.min_workers=3"])

@@ -107,14 +107,17 @@ def test_newest_valid_skips_torn_and_corrupted_checkpoints(tmp_path):
     assert "never finished" in rejected[0]["reason"] and "checksum" in rejected[1]["reason"]
 
 
-def test_prune_keeps_the_newest_and_removes_orphans(tmp_path):
+def test_prune_removes_orphans_and_leaves_registered_checkpoints_to_ray(tmp_path):
     root = tmp_path / "checkpoints"
     for s in (2, 4, 6, 8):
         make_checkpoint(root, s)
     (root / "checkpoint_00000005").mkdir()  # a torn save that Ray never registered
     (root / "checkpoint_00000010").mkdir()  # newer than every complete one: maybe still being written
+    registered = [{"checkpoint_dir_name": "checkpoint_00000002"}]  # Ray's retention will delete this one itself
+    (root / "checkpoint_manager_snapshot.json").write_text(json.dumps({"checkpoint_results": registered}))
     ckpt.prune(str(root), keep=2)
-    assert sorted(p.name for p in root.iterdir()) == ["checkpoint_00000006", "checkpoint_00000008", "checkpoint_00000010"]
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == [
+        "checkpoint_00000002", "checkpoint_00000006", "checkpoint_00000008", "checkpoint_00000010"]
 
 
 def test_recovery_report_from_rows():
@@ -125,7 +128,7 @@ def test_recovery_report_from_rows():
             {"step": 3, "loss": 5, "time": 10.0}]
     (r,) = recovery_report(rows)
     assert r == {"failure": "crash", "resumed_from": "x/checkpoint_00000002", "rejected_checkpoints": [],
-                 "resume_step": 2, "steps_redone": 1, "seconds_to_first_resumed_step": 6.5}
+                 "resume_step": 2, "world_size": None, "steps_redone": 1, "seconds_to_first_resumed_step": 6.5}
 
 
 # ---------------------------------------------------------------- real runs

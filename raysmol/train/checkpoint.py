@@ -113,19 +113,25 @@ def newest_valid(checkpoints_uri: str, local_root: Path) -> tuple[Path | None, d
 
 
 def prune(checkpoints_uri: str, keep: int) -> list[str]:
-    """Keep the newest `keep` complete checkpoints; delete older ones and torn folders (no state.json) older
-    than the newest complete one, which Ray's own retention never sees because they were never registered."""
+    """Remove what Ray Train's own retention (num_to_keep) never sees: torn folders (no state.json) and complete
+    folders whose registration was lost, once older than the newest `keep` complete checkpoints. Folders Ray has
+    registered are left to Ray (deleting one under it fails the run); nothing newer than the newest complete
+    checkpoint is touched (it may be an upload in flight)."""
     from raysmol import storage
 
+    snapshot = storage.join(checkpoints_uri, "checkpoint_manager_snapshot.json")
+    registered = set()
+    if storage.exists(snapshot):
+        registered = {r["checkpoint_dir_name"] for r in json.loads(storage.read_text(snapshot)).get("checkpoint_results", [])}
     removed, complete = [], 0
     for _, uri in candidates(checkpoints_uri):
         has_state = storage.exists(storage.join(uri, STATE_FILE))
-        if has_state and complete < keep:
+        if has_state:
             complete += 1
+        if not complete or (has_state and complete <= keep) or uri.rstrip("/").rsplit("/", 1)[-1] in registered:
             continue
-        if complete:  # never touch anything newer than the newest complete checkpoint
-            storage.remove_tree(uri)
-            removed.append(uri)
+        storage.remove_tree(uri)
+        removed.append(uri)
     return removed
 
 

@@ -94,7 +94,7 @@ def pretrain(cfg: Config, *, show_progress: bool = True) -> dict[str, Any]:
         train_func,
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+        scaling_config=ScalingConfig(num_workers=_workers(t), use_gpu=t.use_gpu,
                                      resources_per_worker=None if t.use_gpu else {"CPU": 1}),
         run_config=RunConfig(name="checkpoints", storage_path=storage_path, storage_filesystem=storage_fs,
                              checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
@@ -112,6 +112,11 @@ def pretrain(cfg: Config, *, show_progress: bool = True) -> dict[str, Any]:
     storage.write_text(storage.join(rd, "summary.json"), json.dumps(summary, indent=1))
     _plot(metrics.rows, rd)
     return summary
+
+
+def _workers(t) -> int | tuple[int, int]:
+    """A fixed size, or (min, max) for elastic training (Ray Train V2)."""
+    return (t.min_workers, t.num_workers) if t.min_workers is not None and t.min_workers < t.num_workers else t.num_workers
 
 
 def _local_cache(cfg: Config) -> str:
@@ -202,6 +207,7 @@ def recovery_report(rows: list[dict]) -> list[dict[str, Any]]:
             "resumed_from": start.get("resumed_from"),
             "rejected_checkpoints": start.get("rejected", []),
             "resume_step": start["step"],
+            "world_size": start.get("world_size"),
             "steps_redone": max(0, reached - start["step"]),
             "seconds_to_first_resumed_step": (first["time"] - failed_at) if first else None,
         })

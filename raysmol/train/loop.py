@@ -109,7 +109,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
 
     step, resumed_from = _resume(engine, run_dir, plan, rank, found, universal)
     resume_dir.cleanup()
-    _log(progress, rank, {"event": "start", "step": step, "resumed_from": resumed_from["checkpoint"],
+    _log(progress, rank, {"event": "start", "step": step, "world_size": world, "resumed_from": resumed_from["checkpoint"],
                           "rejected": resumed_from["rejected"]})
     if step == 0:
         _log(progress, rank, {"step": 0, "tokens": 0, "val_loss": evaluate(engine, val, cfg, rank, world, device)})

@@ -1,0 +1,124 @@
+"""Recovery time: seconds from a crash to the first resumed step, and from losing a node to training on fewer
+workers. Goals on the 2-core development machine: <= 15 s and <= 30 s.
+
+    .venv/bin/python benchmarks/recovery.py [--crash-only | --node-loss-only] [--json]
+
+Crash: a 2-worker ZeRO-2 run of the tiny model whose rank 0 hard-exits (`faults.crash_mode=exit`, like a
+segfault) right after step 25; Ray Train restarts the worker group and raysmol resumes from checkpoint 20. The time
+is read from the run's own recovery report (drill timestamp -> first step row after the restart).
+
+Node loss: a Ray cluster of a CPU-less head and two 1-CPU worker nodes on this machine (`ray.cluster_utils.Cluster`),
+an elastic run (`train.min_workers=1`, `train.num_workers=2`, one worker per node). At step 25 every rank pauses
+(`faults.pause_at_step`), the benchmark removes one worker node, and Ray Train restarts with the one worker that
+still fits; raysmol reshards the ZeRO state of checkpoint 20 through DeepSpeed's universal format. The time runs
+from `remove_node` to the first step row of the 1-worker attempt.
+
+Each part runs in its own process (each owns its Ray cluster). Prints one line per part, or JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+GOALS = {"crash": 15.0, "node_loss": 30.0}
+COMMON = ["train.steps=40", "train.checkpoint_every=10", "optim.warmup_steps=5", "train.eval_every=0",
+          "train.max_failures=2", "train.log_every=1"]
+
+
+def crash(out: str) -> dict:
+    import ray
+
+    from raysmol.config import load_config
+    from raysmol.train.launch import pretrain
+
+    ray.init(num_cpus=4)
+    cfg = load_config(None, [*COMMON, f"run.output_dir={out}", "run.name=crash", "faults.crash_at_step=25",
+                             "faults.crash_mode=exit"])
+    summary = pretrain(cfg, show_progress=False)
+    (rec,) = summary["recovery"]
+    return {"seconds": rec["seconds_to_first_resumed_step"], "resume_step": rec["resume_step"],
+            "steps_redone": rec["steps_redone"], "world_size": rec["world_size"]}
+
+
+def node_loss(out: str) -> dict:
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from raysmol.config import load_config
+    from raysmol.train.launch import pretrain
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    try:
+        ray.init(address=cluster.address)
+        cfg = load_config(None, [*COMMON, f"run.output_dir={out}", "run.name=node_loss", "train.min_workers=1",
+                                 "faults.pause_at_step=25", "faults.pause_seconds=600"])
+        box: dict = {}
+
+        def go():
+            try:
+                box["summary"] = pretrain(cfg, show_progress=False)
+            except BaseException as e:  # reported below
+                box["error"] = e
+
+        th = threading.Thread(target=go, daemon=True)
+        th.start()
+        marker = os.path.join(out, "node_loss", "faults", "pause_at_step-25-rank0")
+        deadline = time.time() + 600
+        while not os.path.exists(marker) and time.time() < deadline:
+            time.sleep(0.2)
+        removed_at = time.time()
+        cluster.remove_node(nodes[1])  # the main thread must call it (Ray's rule)
+        th.join(timeout=900)
+        if "error" in box:
+            raise box["error"]
+        rows = [json.loads(x) for x in open(os.path.join(out, "node_loss", "metrics.jsonl"))]
+        starts = [i for i, r in enumerate(rows) if r.get("event") == "start"]
+        first = next(r for r in rows[starts[-1]:] if "loss" in r)
+        rec = box["summary"]["recovery"][-1]
+        return {"seconds": first["time"] - removed_at, "resume_step": rec["resume_step"],
+                "world_size": rec["world_size"], "final_step": box["summary"]["steps"]}
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--crash-only", action="store_true")
+    p.add_argument("--node-loss-only", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--_part", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args._part:
+        with tempfile.TemporaryDirectory(prefix="raysmol-recovery-") as out:
+            print("RESULT " + json.dumps({"crash": crash, "node_loss": node_loss}[args._part](out)))
+        return 0
+    parts = ["crash"] * (not args.node_loss_only) + ["node_loss"] * (not args.crash_only)
+    results = {}
+    for part in parts:
+        proc = subprocess.run([sys.executable, __file__, "--_part", part], capture_output=True, text=True)
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if proc.returncode or line is None:
+            print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
+            raise SystemExit(f"{part}: failed (exit {proc.returncode})")
+        results[part] = {**json.loads(line[len("RESULT "):]), "goal_s": GOALS[part]}
+    if args.json:
+        print(json.dumps(results, indent=1))
+        return 0
+    for part, r in results.items():
+        ok = "met" if r["seconds"] <= r["goal_s"] else "MISSED"
+        print(f"{part:10s} {r['seconds']:6.1f} s to the first resumed step (goal <= {r['goal_s']:.0f} s: {ok}); "
+              f"resumed at step {r['resume_step']} on {r['world_size']} worker(s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
