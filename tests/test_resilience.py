@@ -255,3 +255,18 @@ def test_a_new_world_size_resumes_on_the_same_loss_curve(reference, small_data, 
     assert [r["step"] for r in resumed] == [5, 6]
     for r in resumed:
         assert abs(r["loss"] - ref[r["step"]]) < 1e-4, (r["step"], r["loss"], ref[r["step"]])
+
+
+@pytest.mark.slow
+def test_losing_a_node_continues_on_fewer_workers():
+    """A head and two worker nodes (ray.cluster_utils.Cluster, in its own process): one node is removed mid-run
+    and the elastic run (min_workers=1) finishes on the remaining worker from the last checkpoint."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, str(root / "benchmarks" / "recovery.py"), "--node-loss-only", "--json"],
+                         capture_output=True, text=True, timeout=900, cwd=root)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout[out.stdout.index("{"):])["node_loss"]
+    assert r["world_size"] == 1 and r["resume_step"] == 20 and r["final_step"] == 40
