@@ -38,7 +38,7 @@ def crash(out: str) -> dict:
     from raysmol.config import load_config
     from raysmol.train.launch import pretrain
 
-    ray.init(num_cpus=4)
+    ray.init(address="local", num_cpus=4)
     cfg = load_config(None, [*COMMON, f"run.output_dir={out}", "run.name=crash", "faults.crash_at_step=25",
                              "faults.crash_mode=exit"])
     summary = pretrain(cfg, show_progress=False)

@@ -158,7 +158,7 @@ def ray_local(s3_server):
     import ray
 
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "120")
-    ray.init(num_cpus=4, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, log_to_driver=False)
     yield ray
     ray.shutdown()
 

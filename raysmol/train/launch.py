@@ -29,7 +29,7 @@ def init_ray(num_cpus: int | None = None) -> None:
         ray.init(log_to_driver=True)
     else:
         # Logical CPUs may exceed physical cores: each worker pins torch to cpu_threads_per_worker threads.
-        ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), log_to_driver=True)
+        ray.init(address="local", num_cpus=num_cpus or max(4, os.cpu_count() or 1), log_to_driver=True)
 
 
 @ray.remote(num_cpus=0)
