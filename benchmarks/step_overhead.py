@@ -162,8 +162,7 @@ def main() -> int:
 
     from raysmol.config import load_config
     from raysmol.data.prepare import prepare
-    from raysmol.data.tokenizer import resolve_tokenizer
-    from raysmol.train.launch import _local_cache
+    from raysmol.train.launch import tokenizer_for
 
     if not args.verbose:
         logging.getLogger("ray").setLevel(logging.ERROR)
@@ -184,7 +183,7 @@ def main() -> int:
         else:
             ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=args.verbose,
                      logging_level="INFO" if args.verbose else "ERROR")
-    tok = resolve_tokenizer(cfg.tokenizer.name, _local_cache(cfg), builtin_vocab_size=cfg.tokenizer.vocab_size)
+    tok = tokenizer_for(cfg)
     sources = prepare(cfg, tok, show_progress=False)
     spec = {"config": cfg.to_dict(), "train_dirs": [str(s.split_dir("train")) for s in sources], "eos_id": tok.eos_id,
             "threads": threads}

@@ -47,12 +47,11 @@ def cmd_config(args) -> int:
 
 def cmd_prepare(args) -> int:
     from raysmol.data.prepare import prepare
-    from raysmol.data.tokenizer import resolve_tokenizer
-    from raysmol.train.launch import _local_cache, init_ray
+    from raysmol.train.launch import init_ray, tokenizer_for
 
     cfg = load_config(*_split(args))
     init_ray()
-    tok = resolve_tokenizer(cfg.tokenizer.name, _local_cache(cfg), builtin_vocab_size=cfg.tokenizer.vocab_size)
+    tok = tokenizer_for(cfg)
     for s in prepare(cfg, tok):
         sp = s.manifest["splits"]
         print(f"{s.name}: {sp['train']['docs']:,} docs, {sp['train']['tokens']:,} tokens "

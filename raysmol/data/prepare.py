@@ -74,6 +74,11 @@ def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     return storage.filesystem(uri)
 
 
+def _source_fs(prefix: str, path: str) -> tuple[pafs.FileSystem, str]:
+    """Filesystem and path of one file of a source (`prefix` is its scheme, e.g. "s3://"; "" for local)."""
+    return _filesystem(prefix + path) if prefix else (pafs.LocalFileSystem(), path)
+
+
 def resolve_files(src: SourceConfig, cache_dir: str) -> tuple[list[str], str, str]:
     """(files, format, filesystem URI prefix) of a source; a missing or empty path is a DataError."""
     if src.path.startswith("builtin:"):
@@ -126,7 +131,7 @@ def _list_files(fs: pafs.FileSystem, base: str) -> list[str]:
 def work_items(files: list[str], fmt: str, prefix: str, size: int | None = None) -> list[dict[str, Any]]:
     """Byte ranges of `size` bytes (jsonl, text; default _ITEM_BYTES) or row groups (parquet), in a fixed order."""
     size = size or _ITEM_BYTES
-    fs, _ = _filesystem(prefix + files[0]) if prefix else (pafs.LocalFileSystem(), "")
+    fs, _ = _source_fs(prefix, files[0])
     items: list[dict[str, Any]] = []
     for f in files:
         if fmt == "parquet":
@@ -144,7 +149,7 @@ def work_items(files: list[str], fmt: str, prefix: str, size: int | None = None)
 
 
 def _fingerprint(src: SourceConfig, files: list[str], fmt: str, prefix: str, tokenizer_id: str, val_fraction: float) -> str:
-    fs, _ = _filesystem(prefix + files[0]) if prefix else (pafs.LocalFileSystem(), "")
+    fs, _ = _source_fs(prefix, files[0])
     stats = [(f, i.size, i.mtime_ns) for f, i in zip(files, fs.get_file_info(files))]
     key = json.dumps([PREPARE_VERSION, src.path, fmt, src.text_field, stats, tokenizer_id, val_fraction], default=str)
     return hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -238,7 +243,7 @@ def _tokenize_batch(batch: dict[str, np.ndarray], setup: dict[str, Any]) -> dict
 def tokenize_item(tok, item: dict[str, Any], setup: dict[str, Any]) -> dict[str, int]:
     """One work item in, one train shard and one validation shard out (plus counts)."""
     src = setup["sources"][item["source"]]
-    fs, path = _filesystem(src["prefix"] + item["file"]) if src["prefix"] else (pafs.LocalFileSystem(), item["file"])
+    fs, path = _source_fs(src["prefix"], item["file"])
     docs, skipped = read_documents(fs, {**item, "file": path}, src["fmt"], src["text_field"])
     encoded = tok.encode_batch_fast(docs, add_special_tokens=False) if docs else []
     val_cut = int(setup["val_fraction"] * 2**32)
@@ -322,7 +327,7 @@ def _run(pending: list, cfg: Config, tokenizer, show_progress: bool) -> dict[int
 
 
 def _total_bytes(files: list[str], prefix: str) -> int:
-    fs, _ = _filesystem(prefix + files[0]) if prefix else (pafs.LocalFileSystem(), "")
+    fs, _ = _source_fs(prefix, files[0])
     return sum(i.size or 0 for i in fs.get_file_info(files))
 
 

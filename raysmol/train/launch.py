@@ -70,7 +70,7 @@ def pretrain(cfg: Config, *, show_progress: bool = True) -> dict[str, Any]:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     init_ray()
-    tok = resolve_tokenizer(cfg.tokenizer.name, _local_cache(cfg), builtin_vocab_size=cfg.tokenizer.vocab_size)
+    tok = tokenizer_for(cfg)
     if tok.vocab_size > cfg.vocab_size():
         raise ConfigError(f"{cfg.origin}: model.vocab_size={cfg.vocab_size()} is smaller than the tokenizer "
                           f"{cfg.tokenizer.name!r} ({tok.vocab_size} tokens)")
@@ -119,9 +119,11 @@ def _workers(t) -> int | tuple[int, int]:
     return (t.min_workers, t.num_workers) if t.min_workers is not None and t.min_workers < t.num_workers else t.num_workers
 
 
-def _local_cache(cfg: Config) -> str:
+def tokenizer_for(cfg: Config):
+    """The run's tokenizer, cached on this machine (under data.cache_dir unless that is object storage)."""
     d = cfg.data.cache_dir
-    return os.path.expanduser("~/.cache/raysmol") if storage.is_remote(d) else os.path.expanduser(d)
+    cache = os.path.expanduser("~/.cache/raysmol") if storage.is_remote(d) else os.path.expanduser(d)
+    return resolve_tokenizer(cfg.tokenizer.name, cache, builtin_vocab_size=cfg.tokenizer.vocab_size)
 
 
 def _fit_with_progress(trainer, progress, metrics: MetricsFile, total: int, show: bool):
