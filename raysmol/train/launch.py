@@ -79,7 +79,11 @@ def pretrain(cfg: Config, *, show_progress: bool = True) -> dict[str, Any]:
     storage.makedirs(rd)
     storage.write_text(storage.join(rd, "config.yaml"), cfg.to_yaml())
 
-    progress = Progress.remote()
+    # Pinned to the driver's node: placed anywhere, losing a worker node (spot loss) would take it along.
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    progress = Progress.options(scheduling_strategy=here).remote()
     loop_config = {
         "config": cfg.to_dict(),
         "train_dirs": [str(s.split_dir("train")) for s in sources],
