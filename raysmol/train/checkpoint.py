@@ -122,7 +122,12 @@ def prune(checkpoints_uri: str, keep: int) -> list[str]:
     snapshot = storage.join(checkpoints_uri, "checkpoint_manager_snapshot.json")
     registered = set()
     if storage.exists(snapshot):
-        registered = {r["checkpoint_dir_name"] for r in json.loads(storage.read_text(snapshot)).get("checkpoint_results", [])}
+        try:
+            registered = {r["checkpoint_dir_name"] for r in json.loads(storage.read_text(snapshot)).get("checkpoint_results", [])}
+        except (ValueError, OSError):
+            # Ray's controller rewrites the snapshot in place: caught mid-write it reads empty or cut short.
+            # Not knowing what Ray holds, delete nothing now; the next save prunes.
+            return []
     removed, complete = [], 0
     for _, uri in candidates(checkpoints_uri):
         has_state = storage.exists(storage.join(uri, STATE_FILE))
