@@ -6,6 +6,7 @@ from __future__ import annotations
 # `s3_server` (session scope) runs a real `moto_server` subprocess on 127.0.0.1 and points the
 # standard AWS environment at it, so pyarrow.fs / Ray / subprocesses all reach the same server.
 
+import json
 import os
 import socket
 import subprocess
@@ -223,3 +224,33 @@ def small_config(tmp_path: Path, small_data: dict[str, Path], overrides: dict | 
         apply_override(cfg, f"{k}={json.dumps(v)}")
     validate(cfg)
     return cfg
+
+
+def make_hf_model(folder: Path, small_data: dict[str, Path], seed: int, cache: Path) -> Path:
+    """A random-init tiny Llama saved with small_data's tokenizer: a servable Hugging Face model folder."""
+    import torch
+    import transformers
+
+    from raysmol.data.tokenizer import resolve_tokenizer
+
+    tok = resolve_tokenizer(str(small_data["tokenizer"]), cache)
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=128, intermediate_size=256,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=512, tie_word_embeddings=True,
+                                   eos_token_id=tok.eos_id, pad_token_id=tok.eos_id, bos_token_id=None)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
+    transformers.AutoTokenizer.from_pretrained(tok.hf_dir).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def hf_models(small_data, tmp_path_factory) -> dict[str, Path]:
+    """Two tiny models of one architecture with different weights ("a", "b") and one of another shape ("wide")."""
+    root = tmp_path_factory.mktemp("hf_models")
+    out = {name: make_hf_model(root / name, small_data, seed, root / "cache") for name, seed in (("a", 0), ("b", 1))}
+    wide = make_hf_model(root / "wide", small_data, 2, root / "cache")
+    cfg = json.loads((wide / "config.json").read_text())
+    cfg["intermediate_size"] = 512  # a different shape: loading it into an engine serving "a" must be refused
+    (wide / "config.json").write_text(json.dumps(cfg))
+    return {**out, "wide": wide}

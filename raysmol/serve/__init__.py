@@ -1,0 +1,1 @@
+"""Inference engines in Ray actors (vLLM, transformers) for evaluation and GRPO rollouts."""

@@ -1,0 +1,131 @@
+"""Engines in Ray actors behind a round-robin pool, with a timeout on every call.
+
+A stuck engine (a hung collective, a runaway generation) must fail loudly and never hang a run: every call waits
+at most its timeout, then the pool kills the actor, starts a replacement with the same model and version, and
+raises EngineTimeout. An actor that died (node lost, OOM) is replaced the same way on the next call.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import ray
+
+from raysmol.serve.engines import EngineError, Sample, Sampling, make_engine
+
+logger = logging.getLogger(__name__)
+
+
+class EngineTimeout(TimeoutError):
+    """An engine call ran past its timeout; the engine was killed and replaced."""
+
+
+class EngineActor:
+    """The Ray actor body: one engine, built inside the actor's own process (and GPU, if it has one)."""
+
+    def __init__(self, kind: str, model_path: str, version: int, options: dict[str, Any]):
+        import os
+
+        if not ray.get_gpu_ids():
+            import torch
+
+            torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        self.engine = make_engine(kind, model_path, version, options)
+
+    def generate(self, prompts: list[str], sampling: Sampling) -> list[list[Sample]]:
+        return self.engine.generate(prompts, sampling)
+
+    def load(self, path: str, version: int) -> int:
+        return self.engine.load(path, version)
+
+    def version(self) -> int:
+        return self.engine.version
+
+
+class EnginePool:
+    """`num_engines` actors serving one model. `generate` splits a batch of prompts across all engines (a single
+    prompt goes to the next engine in turn); `load` updates every engine and checks the versions they report."""
+
+    def __init__(self, kind: str, model_path: str, *, num_engines: int = 1, version: int = 0, timeout_s: float = 600.0,
+                 load_timeout_s: float = 300.0, cpus_per_engine: float = 1, gpus_per_engine: float = 0,
+                 options: dict[str, Any] | None = None):
+        if num_engines < 1:
+            raise EngineError(f"num_engines={num_engines}: must be >= 1")
+        self.kind, self.model_path, self.version = kind, model_path, version
+        self.timeout_s, self.load_timeout_s, self.options = timeout_s, load_timeout_s, dict(options or {})
+        self._cls = ray.remote(num_cpus=cpus_per_engine, num_gpus=gpus_per_engine)(EngineActor)
+        self.actors = [self._start() for _ in range(num_engines)]
+        self._next = 0
+        self.restarts = 0
+        self._wait([a.version.remote() for a in self.actors], self.load_timeout_s, "start", range(num_engines))
+
+    def _start(self):
+        return self._cls.remote(self.kind, self.model_path, self.version, self.options)
+
+    def _wait(self, refs: list, timeout: float, what: str, slots) -> list:
+        """ray.get with a deadline; engines that time out or died are replaced before the error is raised."""
+        slots = list(slots)
+        ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        failed = {i: "timed out" for i, r in zip(slots, refs) if r in pending}
+        results = []
+        for i, r in zip(slots, refs):
+            if i in failed:
+                continue
+            try:
+                results.append(ray.get(r))
+            except ray.exceptions.RayActorError as e:
+                # A failed start carries the engine's own error (a bad model folder, too little memory): show it.
+                cause = " ".join(str(e).split())
+                failed[i] = f"died ({type(e).__name__}: {cause[-800:]})"
+            except ray.exceptions.RayTaskError as e:
+                raise e.as_instanceof_cause() from None  # the engine's own error (bad request): not a failure of it
+        if failed:
+            for i in failed:
+                ray.kill(self.actors[i], no_restart=True)
+                self.actors[i] = self._start()
+                self.restarts += 1
+            detail = ", ".join(f"engine {i} {why}" for i, why in sorted(failed.items()))
+            err = EngineTimeout if any(w == "timed out" for w in failed.values()) else EngineError
+            raise err(f"{self.kind} engine {what} failed (limit {timeout:.0f} s): {detail}; "
+                      f"replaced with fresh engines serving version {self.version}")
+        return results
+
+    def generate(self, prompts: list[str], sampling: Sampling, timeout_s: float | None = None) -> list[list[Sample]]:
+        if not prompts:
+            return []
+        k = min(len(self.actors), len(prompts))
+        order = [(self._next + j) % len(self.actors) for j in range(k)]
+        self._next = (self._next + k) % len(self.actors)
+        bounds = [round(len(prompts) * j / k) for j in range(k + 1)]
+        refs = [self.actors[i].generate.remote(prompts[bounds[j]:bounds[j + 1]], sampling) for j, i in enumerate(order)]
+        chunks = self._wait(refs, timeout_s or self.timeout_s, f"generate ({len(prompts)} prompts)", order)
+        return [s for chunk in chunks for s in chunk]
+
+    def load(self, path: str, version: int, timeout_s: float | None = None) -> None:
+        """Every engine serves `path` as `version` when this returns, or it raises (after replacing failed ones)."""
+        t = time.perf_counter()
+        got = self._wait([a.load.remote(path, version) for a in self.actors], timeout_s or self.load_timeout_s,
+                         f"load of {path}", range(len(self.actors)))
+        self.model_path, self.version = path, version
+        reported = self.versions(timeout_s)
+        if got != [version] * len(got) or reported != [version] * len(reported):
+            raise EngineError(f"after loading {path} as version {version} the engines report {reported}")
+        logger.info("engines serve version %d (%s) after %.2f s", version, path, time.perf_counter() - t)
+
+    def versions(self, timeout_s: float | None = None) -> list[int]:
+        return self._wait([a.version.remote() for a in self.actors], timeout_s or self.load_timeout_s, "version",
+                          range(len(self.actors)))
+
+    def shutdown(self) -> None:
+        for a in self.actors:
+            ray.kill(a, no_restart=True)
+        self.actors = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()
