@@ -1,0 +1,1 @@
+"""Evaluation: LightEval CF/MCF scoring, freeform GSM8K and HumanEval, the code sandbox."""
