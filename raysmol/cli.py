@@ -8,6 +8,7 @@ import logging
 import sys
 
 from raysmol import submit
+from raysmol.eval import cli as eval_cli
 from raysmol.config import ConfigError, load_config
 
 
@@ -81,6 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("pretrain", help="pretrain on Ray Train + DeepSpeed (default: the embedded tiny job)")
     _config_args(p, optional=True)
     p.set_defaults(fn=cmd_pretrain)
+    eval_cli.add_parser(sub)
     p = sub.add_parser("submit", help="run CONFIG on a Ray cluster as a job; or --status/--logs/--stop JOB")
     submit.add_arguments(p)
     p.set_defaults(fn=submit.main)
@@ -88,9 +90,13 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from raysmol.data.prepare import DataError
     from raysmol.data.tokenizer import TokenizerError
+    from raysmol.eval.freeform import FreeformError
+    from raysmol.eval.sandbox import SandboxUnavailable
+    from raysmol.serve.engines import EngineError
 
     try:
         sys.exit(args.fn(args))
-    except (ConfigError, DataError, TokenizerError, submit.SubmitError) as e:
+    except (ConfigError, DataError, TokenizerError, submit.SubmitError, FreeformError, SandboxUnavailable,
+            EngineError) as e:
         print(f"raysmol: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -200,13 +200,13 @@ def test_new_weights_at_the_same_path_give_fresh_scores(setup, evaluated):
 
 def test_in_process_scorer_agrees_with_lighteval_on_the_tiny_suite(setup, tmp_path, capsys):
     """`raysmol eval` on the shipped tiny suite, then score_choices on the same samples in this process."""
-    from raysmol.eval.cf import add_suite_arguments, run_suite
+    from raysmol.eval.cli import add_parser
 
     parser = argparse.ArgumentParser()
-    add_suite_arguments(parser)
-    args = parser.parse_args([str(setup["ckpt"]), "--suite", str(TINY_SUITE), "--out", str(tmp_path),
+    add_parser(parser.add_subparsers())
+    args = parser.parse_args(["eval", str(setup["ckpt"]), "--suite", str(TINY_SUITE), "--out", str(tmp_path),
                               "--max-samples", "16"])
-    assert run_suite(args) == 0
+    assert args.fn(args) == 0
     table = capsys.readouterr().out
     model, tokenizer = setup["model"], setup["tokenizer"]
     model.train()  # as inside the training loop: the scorer must switch to eval and back

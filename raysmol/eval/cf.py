@@ -483,26 +483,6 @@ def _run_lighteval(tmp: Path, model_dir: Path, identity: dict, tasks: list[TaskS
 # ------------------------------------------------------------------------------------------------- CLI
 
 
-def add_suite_arguments(parser) -> None:
-    """`raysmol eval CHECKPOINT --suite FILE [--out DIR] [--max-samples N]`."""
-    parser.add_argument("checkpoint", help="Hugging Face model folder (save_pretrained) or a run directory (uses hf/)")
-    parser.add_argument("--suite", required=True, help="suite YAML, e.g. eval/suites/smollm3_ablation.yaml")
-    parser.add_argument("--out", default="eval_results", help="results folder (default: ./eval_results)")
-    parser.add_argument("--max-samples", type=int, default=None, help="samples per task (overrides the suite)")
-    parser.add_argument("--batch-size", type=int, default=64, help="sequences per forward pass (default 64)")
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="default: cpu")
-
-
-def run_suite(args) -> int:
-    results = evaluate_suite(args.checkpoint, args.suite, args.out, max_samples=args.max_samples,
-                             batch_size=args.batch_size, device=args.device)
-    print(format_table(results))
-    first = next(iter(results.values()))
-    print(f"model {first['model']['name']} ({first['model']['path']}); "
-          f"results in {Path(args.out) / first['model']['name'] / first['suite']}")
-    return 0
-
-
 def format_table(results: dict[str, dict[str, Any]]) -> str:
     width = max(len("task"), *(len(t) for t in results))
     lines = [f"{'task':<{width}}  {'form':<4}  {'samples':>7}  {METRIC:>8}  {'stderr':>7}"]

@@ -1,0 +1,119 @@
+"""`raysmol eval`: one verb, three ways in.
+
+    raysmol eval CHECKPOINT [CHECKPOINT ...] --suite eval/suites/tiny.yaml     CF/MCF through LightEval
+    raysmol eval CHECKPOINT [CHECKPOINT ...] --task gsm8k|humaneval            generate with engine actors, score
+    raysmol eval --task gsm8k|humaneval --predictions FILE.jsonl               score given completions
+
+Results land under `--out` (JSON per checkpoint and task); with several checkpoints a PNG compares them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+from typing import Any
+
+from raysmol import storage
+from raysmol.eval import cf, freeform
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("eval", help="score checkpoints on a CF/MCF suite (LightEval) or GSM8K/HumanEval (engines), "
+                                    "or score a predictions file", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoints", nargs="*", metavar="CHECKPOINT",
+                   help="Hugging Face model folder (save_pretrained) or a run directory (uses its hf/)")
+    p.add_argument("--suite", help="suite YAML, e.g. eval/suites/smollm3_ablation.yaml")
+    p.add_argument("--out", default="eval_results", help="results folder (default: ./eval_results)")
+    p.add_argument("--max-samples", type=int, default=None, help="suite: samples per task (overrides the suite)")
+    p.add_argument("--batch-size", type=int, default=64, help="suite: sequences per forward pass (default 64)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="suite: default cpu")
+    freeform.add_arguments(p)
+    p.add_argument("--engine", default="vllm", choices=("vllm", "transformers"), help="freeform: default vllm")
+    p.add_argument("--num-engines", type=int, default=1, help="freeform: engine actors (default 1)")
+    p.add_argument("--gpus-per-engine", type=float, default=0, help="freeform: 1 on GPU clusters (default 0)")
+    p.add_argument("--limit", type=int, default=None, help="freeform: first N problems only")
+    p.add_argument("--samples", type=int, default=1, help="freeform: samples per problem (pass@k needs k)")
+    p.add_argument("--max-tokens", type=int, default=None, help="freeform: tokens per sample")
+    p.add_argument("--shots", type=int, default=5, help="GSM8K: worked examples in the prompt (default 5)")
+    p.add_argument("--timeout", type=float, default=1800, help="freeform: seconds per engine call (default 1800)")
+    p.set_defaults(fn=run)
+    return p
+
+
+def run(args) -> int:
+    if args.predictions:
+        if args.checkpoints or args.suite:
+            return _usage("--predictions scores a file; it takes no CHECKPOINT and no --suite")
+        return freeform.run_predictions(args)
+    if not args.checkpoints:
+        return _usage("give one or more CHECKPOINTs (with --suite or --task), or --task and --predictions")
+    if bool(args.suite) == bool(args.task):
+        return _usage("give exactly one of --suite FILE and --task gsm8k|humaneval")
+    scores: dict[str, dict[str, tuple[float, float]]] = {}
+    for ckpt in args.checkpoints:
+        folder = cf.resolve_checkpoint(ckpt)
+        if args.suite:
+            results = cf.evaluate_suite(str(folder), args.suite, args.out, max_samples=args.max_samples,
+                                        batch_size=args.batch_size, device=args.device)
+            print(cf.format_table(results))
+            name = next(iter(results.values()))["model"]["name"]
+            scores[name] = {t: (r["score"], r["stderr"]) for t, r in results.items()}
+        else:
+            name, res = _freeform(args, folder)
+            print(freeform.format_table(res))
+            scores[name] = {res["task"]: (res["score"], res["stderr"])}
+        print(f"{name}: results in {storage.join(args.out, name)}")
+    if len(scores) > 1:
+        print(f"comparison plot: {compare_plot(scores, args.out)}")
+    return 0
+
+
+def _freeform(args, folder) -> tuple[str, dict[str, Any]]:
+    from raysmol.eval.generate import evaluate_freeform
+    from raysmol.serve.pool import EnginePool
+    from raysmol.train.launch import init_ray
+
+    name = cf.model_identity(folder)["name"]
+    init_ray()
+    with EnginePool(args.engine, str(folder), num_engines=args.num_engines, timeout_s=args.timeout,
+                    gpus_per_engine=args.gpus_per_engine) as pool:
+        res = evaluate_freeform(pool, args.task, storage.join(args.out, name, "freeform"), limit=args.limit,
+                                samples=args.samples, max_tokens=args.max_tokens, shots=args.shots,
+                                reference=args.reference, workers=args.workers,
+                                allow_unsandboxed=args.allow_unsandboxed)
+    return name, res
+
+
+def compare_plot(scores: dict[str, dict[str, tuple[float, float]]], out: str) -> str:
+    """Grouped bars: one group per task, one bar per checkpoint, stderr as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({t for s in scores.values() for t in s})
+    width = 0.8 / len(scores)
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(tasks) * len(scores)), 4))
+    for i, (name, s) in enumerate(scores.items()):
+        xs = [j + i * width for j, t in enumerate(tasks) if t in s]
+        ax.bar(xs, [s[t][0] for t in tasks if t in s], width, yerr=[s[t][1] for t in tasks if t in s],
+               capsize=3, label=name)
+    ax.set_xticks([j + width * (len(scores) - 1) / 2 for j in range(len(tasks))], tasks, rotation=20)
+    ax.set_ylabel("score")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    path = storage.join(out, "compare.png")
+    storage.write_bytes(path, buf.getvalue())
+    storage.write_text(storage.join(out, "compare.json"), json.dumps(scores, indent=1) + "\n")
+    return path
+
+
+def _usage(msg: str) -> int:
+    print(f"raysmol eval: error: {msg}", file=sys.stderr)
+    return 2
