@@ -52,7 +52,9 @@ class ModelConfig:
     vocab_size: int | None = None
     rms_norm_eps: float = 1e-5
     init_std: float = 0.02
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    # auto: on GPUs in bf16 flash-attn's varlen kernel if installed, else `varlen` (PyTorch's own flash varlen
+    # kernel); on CPUs sdpa. Packed documents never attend to each other under any of them (see raysmol/model).
+    attn_implementation: Literal["auto", "sdpa", "eager", "varlen", "flash_attention_2", "flash_attention_3"] = "auto"
 
 
 @dataclass
@@ -129,6 +131,13 @@ class TrainConfig:
     cpu_threads_per_worker: int = 1
     # Worker failures Ray Train recovers from (restart from the newest committed checkpoint) before giving up.
     max_failures: int = 3
+    # GPU path switches (raysmol.model.prepare_for_training). liger: Liger kernels for RMSNorm, SwiGLU, RoPE and
+    # the fused linear cross-entropy (needs the liger-kernel package and GPUs).
+    liger: bool = False
+    # Recompute each decoder layer's activations in the backward pass: less memory, ~1/3 more compute.
+    activation_checkpointing: bool = False
+    # torch.compile the model's forward (first steps pay the compilation).
+    compile: bool = False
 
     def samples_per_step(self) -> int:
         return self.global_batch_tokens // self.seq_len
@@ -392,6 +401,11 @@ def validate(cfg: Config) -> None:
         need(not bad, "train.min_workers", f"train.global_batch_tokens={t.global_batch_tokens} does not split over "
              f"{bad} workers x micro_batch_size x seq_len; every size in [min_workers, num_workers] must divide it")
     need(t.max_failures >= 0, "train.max_failures", f"must be >= 0, got {t.max_failures}")
+    need(not (t.liger and not t.use_gpu), "train.liger", "Liger kernels are Triton GPU kernels: needs train.use_gpu: true")
+    need(not (m.attn_implementation.startswith("flash_attention") and not t.use_gpu), "model.attn_implementation",
+         f"{m.attn_implementation} needs train.use_gpu: true; on CPUs use auto, sdpa, eager or varlen")
+    need(not (m.attn_implementation == "varlen" and t.use_gpu and t.precision == "fp32"), "model.attn_implementation",
+         "varlen runs flash kernels, which need bf16 on GPUs: set train.precision: bf16 (or auto) or use sdpa")
     g = cfg.guard
     for key in ("window", "min_steps", "max_rollbacks"):
         need(getattr(g, key) > 0, f"guard.{key}", f"must be positive, got {getattr(g, key)}")

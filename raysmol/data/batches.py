@@ -26,8 +26,9 @@ class Batch:
 
     def to(self, device: torch.device | str) -> "Batch":
         nb = torch.device(device).type == "cuda"
-        return Batch(self.input_ids.to(device, non_blocking=nb), self.labels.to(device, non_blocking=nb),
-                     self.position_ids.to(device, non_blocking=nb), self.sources, self.epochs)
+        # Only a copy from pinned host memory is asynchronous: from pageable memory non_blocking still waits.
+        move = lambda t: (t.pin_memory() if nb else t).to(device, non_blocking=nb)  # noqa: E731
+        return Batch(move(self.input_ids), move(self.labels), move(self.position_ids), self.sources, self.epochs)
 
 
 class Batches:

@@ -18,11 +18,11 @@ from raysmol import storage
 from raysmol.config import Config, from_dict
 from raysmol.data.batches import Batches
 from raysmol.data.store import TokenStream
-from raysmol.model import build_model, flops_per_token
+from raysmol.model import build_model, flops_per_token, precision, prepare_for_training
 from raysmol.train import checkpoint as ckpt
 from raysmol.train.faults import Drills
 from raysmol.train.guard import DataPlan, GuardedAdamW, GuardError, Sentry, SpikeGuard
-from raysmol.train.objectives import OBJECTIVES
+from raysmol.train.objectives import OBJECTIVES, Objective, to_device
 from raysmol.train.schedule import lr_multiplier
 
 # Dense bf16 peak FLOP/s per GPU, for MFU when train.peak_flops is not set.
@@ -48,8 +48,11 @@ def deepspeed_config(cfg: Config, world: int, load_universal: bool = False) -> d
     }
 
 
-def precision(cfg: Config) -> str:
-    return ("bf16" if cfg.train.use_gpu else "fp32") if cfg.train.precision == "auto" else cfg.train.precision
+def make_optimizer(cfg: Config, model: torch.nn.Module) -> GuardedAdamW:
+    """torch AdamW (guarded); on GPUs the fused multi-tensor kernel (the same update up to rounding)."""
+    o = cfg.optim
+    return GuardedAdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                        fused=True if cfg.train.use_gpu else None)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -89,8 +92,8 @@ def train_func(loop_config: dict[str, Any]) -> None:
                       t.seq_len, t.samples_per_step(), cfg.data.intra_doc_masking)
     val = _val_batches(cfg, loop_config["val_dirs"], weights)
 
-    model = build_model(cfg, loop_config["eos_id"], seed=t.seed)
-    optimizer = GuardedAdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+    model = prepare_for_training(build_model(cfg, loop_config["eos_id"], seed=t.seed), cfg)
+    optimizer = make_optimizer(cfg, model)
     plan = DataPlan()  # data skips and lr windows from rollbacks; restored with the checkpoint
     base_lr = lr_multiplier(o, t.steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: base_lr(s) * plan.lr_factor(s))
@@ -117,14 +120,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
     while step < t.steps:
         mult = drills.loss_multiplier(step + 1)
         mbs = batches.micro_batches(plan.data_step(step), rank, world, t.micro_batch_size)
-        for i, mb in enumerate(mbs):
-            loss, _ = objective(engine, mb.to(device))
-            loss = loss * mult if mult is not None else loss
-            engine.backward(loss)
-            losses.append(loss.detach())
-            if i == len(mbs) - 1:
-                sentry.before_update(step + 1, losses[-len(mbs):])
-            engine.step()
+        losses += train_step(engine, objective, mbs, device, sentry, step + 1, mult)
         verdict = sentry.after_update()
         drills.after_step(step + 1)
         if verdict:
@@ -158,6 +154,25 @@ def train_func(loop_config: dict[str, Any]) -> None:
     if rank == 0:
         _export(model, sd, storage.join(run_dir, "hf"))
     dist.barrier()
+
+
+def train_step(engine, objective: Objective, mbs: list, device, sentry: Sentry, step: int,
+               mult: float | None = None) -> list[torch.Tensor]:
+    """One optimizer step over this rank's micro-batches; returns their losses (on the device).
+
+    Nothing here waits on the GPU except the guard's one loss all-reduce per step (by design: every step is
+    judged) and what DeepSpeed's step needs for clipping; the logging syncs happen in the caller, every log_every.
+    """
+    losses = []
+    for i, mb in enumerate(mbs):
+        loss, _ = objective(engine, to_device(mb, device))
+        loss = loss * mult if mult is not None else loss
+        engine.backward(loss)
+        losses.append(loss.detach())
+        if i == len(mbs) - 1:
+            sentry.before_update(step, losses)
+        engine.step()
+    return losses
 
 
 def _device(cfg: Config) -> torch.device:
@@ -273,7 +288,7 @@ def evaluate(engine, val: Batches | None, cfg: Config, rank: int, world: int, de
     for chunk in np.array_split(mine, max(1, math.ceil(len(mine) / cfg.train.micro_batch_size))):
         if len(chunk) == 0:
             continue
-        b = val.samples(chunk).to(device)
+        b = to_device(val.samples(chunk), device)
         loss, _ = OBJECTIVES["causal_lm"](engine, b)
         total += torch.stack([loss.double() * len(chunk), torch.tensor(float(len(chunk)), dtype=torch.float64, device=device)])
     engine.train()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field, fields
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from raysmol.data.batches import Batch
+from raysmol.model import FUSED_LOSS, VARLEN_IMPLEMENTATIONS, packed_attention_kwargs
 
 Objective = Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
@@ -20,9 +22,46 @@ def causal_lm(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[
     document; transformers turns restarting position ids into a block-diagonal causal mask (intra-document
     masking) when no attention mask is passed.
     """
-    logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids).logits
+    inputs = model_inputs(model, batch)
+    hf = _unwrap(model)
+    if hf.training and getattr(hf, FUSED_LOSS, False):
+        # Liger's fused linear cross-entropy: the mean loss straight from the hidden states (no logits).
+        # `shift_labels`: our labels are already shifted, so the model must not shift them again.
+        return model(**inputs, shift_labels=batch.labels).loss, {}
+    logits = model(**inputs).logits
     loss = F.cross_entropy(logits.flatten(0, 1).float(), batch.labels.flatten())
     return loss, {}
+
+
+@dataclass
+class DeviceBatch(Batch):
+    """A Batch on the training device, with the document boundaries variable-length attention needs
+    (computed on the host before the copy, so the step never waits on the device for them)."""
+
+    attention: dict = field(default_factory=dict)
+
+
+def to_device(batch: Batch, device: torch.device | str) -> DeviceBatch:
+    moved = batch.to(device)
+    cuda = torch.device(device).type == "cuda"
+    attention = {k: v.pin_memory().to(device, non_blocking=True) if cuda and torch.is_tensor(v) else v
+                 for k, v in packed_attention_kwargs(batch.position_ids).items()}
+    return DeviceBatch(**{f.name: getattr(moved, f.name) for f in fields(Batch)}, attention=attention)
+
+
+def model_inputs(model: torch.nn.Module, batch: Batch) -> dict:
+    """input_ids and position_ids, plus document boundaries for the variable-length attention implementations
+    (transformers forwards them to attention; sdpa and eager derive a block-diagonal mask from the position ids)."""
+    inputs = {"input_ids": batch.input_ids, "position_ids": batch.position_ids}
+    if _unwrap(model).config._attn_implementation in VARLEN_IMPLEMENTATIONS:
+        # A batch that did not come through to_device pays a device-to-host copy here.
+        inputs.update(batch.attention if isinstance(batch, DeviceBatch) else packed_attention_kwargs(batch.position_ids))
+    return inputs
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a DeepSpeed engine or DDP wrapper."""
+    return getattr(model, "module", model)
 
 
 OBJECTIVES: dict[str, Objective] = {"causal_lm": causal_lm}
