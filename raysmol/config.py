@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -32,6 +33,8 @@ class RunSection:
     name: str = "tiny"
     # Run directory is <output_dir>/<name>/: a local path or an object-store URI (s3://...).
     output_dir: str = "runs"
+    # What the compute-ledger books this run under (raysmol/ledger.py); time lost to restarts is always debugging.
+    category: Literal["main", "ablation", "evaluation", "debugging"] = "main"
 
 
 @dataclass
@@ -125,6 +128,10 @@ class TrainConfig:
     # Validation loss every N steps (0 = only before the first and after the last step).
     eval_every: int = 0
     eval_batches: int = 4
+    # A CF/MCF suite (e.g. eval/suites/tiny.yaml) scored in-process with validation loss at every eval (the
+    # first eval_suite_samples samples of each task; accuracy as metrics eval/<task>). None: loss only.
+    eval_suite: str | None = None
+    eval_suite_samples: int = 64
     # Peak FLOP/s per device for MFU; None = looked up from the GPU name (no MFU on CPU).
     peak_flops: float | None = None
     # torch threads per worker on CPU: logical Ray CPUs may exceed physical cores.
@@ -385,6 +392,9 @@ def validate(cfg: Config) -> None:
                 "log_every", "checkpoint_every", "keep_checkpoints", "eval_batches", "cpu_threads_per_worker"):
         need(getattr(t, key) > 0, f"train.{key}", f"must be positive, got {getattr(t, key)}")
     need(t.eval_every >= 0, "train.eval_every", f"must be >= 0, got {t.eval_every}")
+    need(t.eval_suite_samples > 0, "train.eval_suite_samples", f"must be positive, got {t.eval_suite_samples}")
+    need(t.eval_suite is None or os.path.isfile(t.eval_suite), "train.eval_suite",
+         f"no such suite file {t.eval_suite!r} (e.g. eval/suites/tiny.yaml)")
     need(t.zero_stage in (0, 1, 2, 3), "train.zero_stage", f"must be 0, 1, 2 or 3, got {t.zero_stage}")
     need(t.seq_len <= m.max_position_embeddings, "train.seq_len",
          f"{t.seq_len} exceeds what the model can hold (model.max_position_embeddings={m.max_position_embeddings})")

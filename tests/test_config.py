@@ -47,6 +47,7 @@ def test_overrides_apply_with_types_and_list_indices():
     ("data:\n  sources:\n    - {name: a, path: x, weight: 0}\n    - {name: b, path: y, weight: 0}\n", "weights sum to zero"),
     ("data:\n  sources:\n    - {name: a, path: x, weight: 1, colour: red}\n", "unknown key 'data.sources.0.colour'"),
     ("model:\n  nope_every: 4\n", "NoPE layers need model.arch: smollm3"),
+    ("train:\n  eval_suite: nowhere.yaml\n", "train.eval_suite: no such suite file 'nowhere.yaml'"),
 ])
 def test_errors_name_the_key_and_the_file(tmp_path, text, needle):
     path = write(tmp_path, text)

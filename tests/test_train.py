@@ -81,10 +81,27 @@ def test_hf_export_gives_the_trained_models_logits(zero2_run):
     assert tok.decode(tok("def f(x): return x")["input_ids"]) == "def f(x): return x"
 
 
-def test_zero3_trains_the_same_model(zero2_run, ray_local, small_data, tmp_path):
-    cfg = small_config(tmp_path, small_data, {"train.zero_stage": 3})
+def test_zero3_trains_the_same_model_and_scores_a_suite_while_training(zero2_run, ray_local, small_data, tmp_path):
+    suite = Path(__file__).resolve().parents[1] / "eval" / "suites" / "tiny.yaml"
+    cfg = small_config(tmp_path, small_data, {"train.zero_stage": 3, "train.eval_suite": str(suite),
+                                              "train.eval_suite_samples": 8})
     summary = pretrain(cfg, show_progress=False)
     run = tmp_path / "runs" / "t"
+    # The suite is scored with validation loss (steps 0 and 6: every rank forwards, as ZeRO-3 requires) and the
+    # last scores are those of the exported model on the same samples.
+    from raysmol.eval.cf import load_docs, load_suite, score_choices
+
+    scored = [r for r in read_metrics(str(run)) if any(k.startswith("eval/") for k in r)]
+    assert [r["step"] for r in scored] == [0, 6] and all("val_loss" in r for r in scored)
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(run / "hf")
+    tok = transformers.AutoTokenizer.from_pretrained(run / "hf")
+    tasks = load_suite(suite).tasks
+    assert {f"eval/{t.name}" for t in tasks} <= set(scored[-1])
+    for t in tasks:
+        assert scored[-1][f"eval/{t.name}"] == pytest.approx(score_choices(hf, tok, load_docs(t, 8)), abs=1e-9)
+    assert (run / "plots" / "loss.png").stat().st_size > (zero2_run[2] / "plots" / "loss.png").stat().st_size
     z3 = [r["loss"] for r in read_metrics(str(run)) if "loss" in r]
     z2 = [r["loss"] for r in read_metrics(str(zero2_run[2])) if "loss" in r]
     # Same data, same init: ZeRO-3 only changes how the state is partitioned (fp32 reduction order differs).

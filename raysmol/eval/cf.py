@@ -374,6 +374,34 @@ def score_choices(model, tokenizer, docs: Iterable[Any], *, batch_size: int = 32
     return sum(p == doc.gold_index for p, doc in zip(preds, docs)) / len(docs)
 
 
+class TrainingSuite:
+    """A suite scored inside the training loop: docs loaded once by the driver, a tokenizer shipped as files
+    (workers may run on nodes without the driver's cache). Picklable, so it travels in the loop config."""
+
+    def __init__(self, suite_path: str, samples: int, tokenizer_dir: str | os.PathLike[str]):
+        suite = load_suite(suite_path)
+        self.name = suite.name
+        self.docs = {t.name: load_docs(t, samples) for t in suite.tasks}
+        self.tokenizer_files = {p.name: p.read_bytes() for p in Path(tokenizer_dir).iterdir() if p.is_file()}
+        self._tokenizer = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_tokenizer": None}
+
+    def scores(self, model) -> dict[str, float]:
+        """`eval/<task>` accuracies of an in-memory model (it is left in the mode it was in).
+
+        Under ZeRO-3 every rank must call this together: each forward gathers the sharded weights."""
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            with tempfile.TemporaryDirectory(prefix="raysmol-tok-") as d:
+                for name, data in self.tokenizer_files.items():
+                    (Path(d) / name).write_bytes(data)
+                self._tokenizer = AutoTokenizer.from_pretrained(d)
+        return {f"eval/{name}": score_choices(model, self._tokenizer, docs) for name, docs in self.docs.items()}
+
+
 # ------------------------------------------------------------------------------- LightEval in its own process
 
 

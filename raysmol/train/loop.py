@@ -86,6 +86,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
     device = _device(cfg)
     t, g, o = cfg.train, cfg.guard, cfg.optim
     run_dir, progress = loop_config["run_dir"], loop_config.get("progress")
+    suite = loop_config.get("eval_suite")
     drills = Drills(cfg.faults, run_dir, rank, progress)
     weights = [s.weight for s in cfg.data.sources]
     batches = Batches([TokenStream(d, cfg.data.seed) for d in loop_config["train_dirs"]], weights, cfg.data.seed,
@@ -115,7 +116,8 @@ def train_func(loop_config: dict[str, Any]) -> None:
     _log(progress, rank, {"event": "start", "step": step, "world_size": world, "resumed_from": resumed_from["checkpoint"],
                           "rejected": resumed_from["rejected"]})
     if step == 0:
-        _log(progress, rank, {"step": 0, "tokens": 0, "val_loss": evaluate(engine, val, cfg, rank, world, device)})
+        _log(progress, rank, {"step": 0, "tokens": 0, "val_loss": evaluate(engine, val, cfg, rank, world, device),
+                              **(suite.scores(engine.module) if suite is not None else {})})
     since, losses, n_steps, first = time.perf_counter(), [], 0, True  # the logging interval: no host sync inside
     while step < t.steps:
         mult = drills.loss_multiplier(step + 1)
@@ -142,6 +144,8 @@ def train_func(loop_config: dict[str, Any]) -> None:
                        "epochs": _epochs(batches, plan.data_step(step - 1), names)}
             if eval_due:
                 metrics["val_loss"] = evaluate(engine, val, cfg, rank, world, device)
+                if suite is not None:  # every rank scores (ZeRO-3 forwards are collective); rank 0 logs
+                    metrics.update(suite.scores(engine.module))
             _log(progress, rank, metrics)
             since, losses, n_steps, first = time.perf_counter(), [], 0, False
         drills.pause(step)
