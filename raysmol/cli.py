@@ -83,6 +83,12 @@ def main(argv: list[str] | None = None) -> None:
     _config_args(p, optional=True)
     p.set_defaults(fn=cmd_pretrain)
     eval_cli.add_parser(sub)
+    from raysmol import ledger
+    from raysmol.ablate import signal, tune
+
+    tune.add_parser(sub)
+    ledger.add_parser(sub)
+    signal.add_parser(sub)
     p = sub.add_parser("submit", help="run CONFIG on a Ray cluster as a job; or --status/--logs/--stop JOB")
     submit.add_arguments(p)
     p.set_defaults(fn=submit.main)

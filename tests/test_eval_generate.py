@@ -58,6 +58,9 @@ def test_eval_cli_compares_checkpoints_and_refuses_bad_combinations(ray_local, h
     assert len(names) == 2 and all((tmp_path / n / "freeform" / "gsm8k.json").is_file() for n in names)
     assert (tmp_path / "compare.png").stat().st_size > 1000 and "comparison plot" in out
     assert set(json.loads((tmp_path / "compare.json").read_text())) == set(names)
+    for n in names:  # evaluation is booked in the compute ledger
+        (rec,) = [json.loads(x) for x in (tmp_path / n / "ledger.jsonl").read_text().splitlines()]
+        assert rec["category"] == "evaluation" and rec["device_kind"] == "cpu" and rec["seconds"] > 0
     assert call(hf_models["a"], "--task", "gsm8k", "--suite", "x.yaml") == 2
     assert call("--task", "gsm8k") == 2
     assert call(hf_models["a"], "--task", "gsm8k", "--predictions", "p.jsonl") == 2

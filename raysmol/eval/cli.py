@@ -13,6 +13,7 @@ import argparse
 import io
 import json
 import sys
+import time
 from typing import Any
 
 from raysmol import storage
@@ -55,6 +56,7 @@ def run(args) -> int:
     scores: dict[str, dict[str, tuple[float, float]]] = {}
     for ckpt in args.checkpoints:
         folder = cf.resolve_checkpoint(ckpt)
+        started = time.time()
         if args.suite:
             results = cf.evaluate_suite(str(folder), args.suite, args.out, max_samples=args.max_samples,
                                         batch_size=args.batch_size, device=args.device)
@@ -65,6 +67,7 @@ def run(args) -> int:
             name, res = _freeform(args, folder)
             print(freeform.format_table(res))
             scores[name] = {res["task"]: (res["score"], res["stderr"])}
+        _book(args, name, time.time() - started)
         print(f"{name}: results in {storage.join(args.out, name)}")
     if len(scores) > 1:
         print(f"comparison plot: {compare_plot(scores, args.out)}")
@@ -85,6 +88,15 @@ def _freeform(args, folder) -> tuple[str, dict[str, Any]]:
                                 reference=args.reference, workers=args.workers,
                                 allow_unsandboxed=args.allow_unsandboxed)
     return name, res
+
+
+def _book(args, name: str, seconds: float) -> None:
+    """The compute ledger's `evaluation` line: GPUs held by the engines, else one CPU core per engine/process."""
+    from raysmol import ledger
+
+    gpus = args.num_engines * args.gpus_per_engine if args.task else (1 if args.device == "cuda" else 0)
+    ledger.record(storage.join(args.out, name), "evaluation", gpus or (args.num_engines if args.task else 1),
+                  "gpu" if gpus else "cpu", seconds, {"suite": args.suite, "task": args.task})
 
 
 def compare_plot(scores: dict[str, dict[str, tuple[float, float]]], out: str) -> str:

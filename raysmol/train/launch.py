@@ -7,11 +7,11 @@ import logging
 import os
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import ray
 
-from raysmol import storage
+from raysmol import ledger, storage
 from raysmol.config import Config, ConfigError
 from raysmol.data.prepare import prepare
 from raysmol.data.tokenizer import resolve_tokenizer
@@ -64,8 +64,10 @@ def run_dir(cfg: Config) -> str:
     return storage.join(out, cfg.run.name)
 
 
-def pretrain(cfg: Config, *, show_progress: bool = True) -> dict[str, Any]:
-    """Prepare data if needed, train on Ray Train + DeepSpeed, export, and write the run directory."""
+def pretrain(cfg: Config, *, show_progress: bool = True,
+             on_rows: Callable[[list[dict[str, Any]]], None] | None = None) -> dict[str, Any]:
+    """Prepare data if needed, train on Ray Train + DeepSpeed, export, and write the run directory.
+    `on_rows` sees every batch of new metrics rows as they arrive (an ablation trial reports them to Tune)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -89,6 +91,7 @@ def pretrain(cfg: Config, *, show_progress: bool = True) -> dict[str, Any]:
         "train_dirs": [str(s.split_dir("train")) for s in sources],
         "val_dirs": [str(s.split_dir("val")) if s.manifest["splits"]["val"]["tokens"] else None for s in sources],
         "eos_id": tok.eos_id,
+        "eval_suite": _training_suite(cfg, tok),
         "progress": progress,
         "run_dir": rd,
     }
@@ -106,7 +109,7 @@ def pretrain(cfg: Config, *, show_progress: bool = True) -> dict[str, Any]:
     )
     metrics = MetricsFile(storage.join(rd, "metrics.jsonl"))
     started = time.time()
-    result = _fit_with_progress(trainer, progress, metrics, t.steps, show_progress)
+    result = _fit_with_progress(trainer, progress, metrics, t.steps, show_progress, on_rows)
     wall = time.time() - started
 
     for f in sorted(tok.hf_dir.iterdir()):  # tokenizer files beside the weights rank 0 exported
@@ -114,6 +117,7 @@ def pretrain(cfg: Config, *, show_progress: bool = True) -> dict[str, Any]:
             storage.write_bytes(storage.join(rd, "hf", f.name), f.read_bytes())
     summary = _summary(cfg, metrics.rows, wall, result, rd, sources)
     storage.write_text(storage.join(rd, "summary.json"), json.dumps(summary, indent=1))
+    ledger.record_run(rd, cfg, wall, metrics.rows, started, summary["recovery"])
     _plot(metrics.rows, rd)
     return summary
 
@@ -130,7 +134,7 @@ def tokenizer_for(cfg: Config):
     return resolve_tokenizer(cfg.tokenizer.name, cache, builtin_vocab_size=cfg.tokenizer.vocab_size)
 
 
-def _fit_with_progress(trainer, progress, metrics: MetricsFile, total: int, show: bool):
+def _fit_with_progress(trainer, progress, metrics: MetricsFile, total: int, show: bool, on_rows=None):
     from tqdm import tqdm
 
     box: dict[str, Any] = {}
@@ -157,9 +161,12 @@ def _fit_with_progress(trainer, progress, metrics: MetricsFile, total: int, show
                 bar.n = r["step"]
                 bar.set_postfix(loss=f"{r['loss']:.3f}", tok_s=f"{r['tokens_per_s']:.0f}", refresh=False)
                 bar.refresh()
-        if pending and (not alive or time.time() - last_flush > 5):
+        # Rows someone else acts on are on storage first: Tune may stop (kill) an ablation trial on them.
+        if pending and (not alive or time.time() - last_flush > 5 or (rows and on_rows is not None)):
             metrics.add(pending)
             pending, last_flush = [], time.time()
+        if rows and on_rows is not None:
+            on_rows(rows)
         if not alive:
             break
         time.sleep(0.5)
@@ -220,6 +227,14 @@ def recovery_report(rows: list[dict]) -> list[dict[str, Any]]:
     return out
 
 
+def _training_suite(cfg: Config, tok):
+    if not cfg.train.eval_suite:
+        return None
+    from raysmol.eval.cf import TrainingSuite
+
+    return TrainingSuite(cfg.train.eval_suite, cfg.train.eval_suite_samples, tok.hf_dir)
+
+
 def _plot(rows: list[dict], rd: str) -> None:
     import io
 
@@ -228,7 +243,9 @@ def _plot(rows: list[dict], rd: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    tasks = sorted({k for r in rows for k in r if k.startswith("eval/")})
+    fig, axes = plt.subplots(1, 2 if tasks else 1, figsize=(12 if tasks else 7, 4), squeeze=False)
+    ax = axes[0][0]
     train = [r for r in rows if "loss" in r]
     val = [r for r in rows if r.get("val_loss") is not None]
     for r in rows:
@@ -240,6 +257,15 @@ def _plot(rows: list[dict], rd: str) -> None:
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     ax.legend()
+    if tasks:  # benchmark accuracy next to the loss: the playbook's "loss alone misleads"
+        bx = axes[0][1]
+        for t in tasks:
+            pts = [(r["step"], r[t]) for r in rows if t in r]
+            bx.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=t.removeprefix("eval/"))
+        bx.set_xlabel("step")
+        bx.set_ylabel("accuracy (char-normalised)")
+        bx.grid(alpha=0.3)
+        bx.legend(fontsize=8)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
