@@ -234,17 +234,24 @@ class Config:
 # ---------------------------------------------------------------- loading
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a YAML file (default: the embedded `jobs/tiny.yaml`), apply `key.sub=value` overrides, validate."""
-    path = Path(path) if path is not None else DEFAULT_CONFIG
+def read_yaml_mapping(path: str | Path, what: str = "config", error: type[ConfigError] = ConfigError) -> dict:
+    """A YAML file whose top level is a mapping (empty file: {}); `error` names the file and what is wrong."""
+    path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
+        raise error(f"{what} file {str(path)!r} does not exist")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        raise error(f"{path}: not valid YAML: {e}") from e
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+        raise error(f"{path}: the top level must be a mapping, got {type(raw).__name__}")
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML file (default: the embedded `jobs/tiny.yaml`), apply `key.sub=value` overrides, validate."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    raw = read_yaml_mapping(path)
     cfg = _build(Config, raw, "", str(path))
     for item in overrides:
         apply_override(cfg, item)

@@ -33,9 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-from raysmol.config import Config, ConfigError, _build, apply_override, from_dict, load_config, validate
+from raysmol.config import (Config, ConfigError, _build, apply_override, from_dict, load_config, read_yaml_mapping,
+                            validate)
 
 BASELINE = "baseline"
 
@@ -142,14 +141,7 @@ def load_ablation(path: str | Path) -> AblationSpec:
     """Read and check an ablation file; every trial config is built and validated."""
     path = Path(path)
     where = str(path)
-    if not path.is_file():
-        raise ConfigError(f"ablation file {where!r} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{where}: not valid YAML: {e}") from e
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: the top level must be a mapping, got {type(raw).__name__}")
+    raw = read_yaml_mapping(path, "ablation")
     for key in raw:
         if key not in _TOP:
             raise ConfigError(f"{where}: unknown key {key!r}; valid keys: {', '.join(sorted(_TOP))}")

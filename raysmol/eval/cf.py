@@ -38,9 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 
-from raysmol.config import ConfigError
+from raysmol.config import ConfigError, read_yaml_mapping
 from raysmol.config import _build as build_section
 
 Formulation = Literal["cf", "mcf"]
@@ -219,12 +218,7 @@ class Suite:
 def load_suite(path: str | os.PathLike[str]) -> Suite:
     """Read and check a suite YAML; task defaults filled in, local paths made absolute and checked."""
     path = Path(path)
-    if not path.is_file():
-        raise SuiteError(f"suite file {str(path)!r} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise SuiteError(f"{path}: not valid YAML: {e}") from e
+    raw = read_yaml_mapping(path, "suite", SuiteError)
     where = str(path)
     try:
         suite = build_section(Suite, raw, "", where)
