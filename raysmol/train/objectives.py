@@ -52,7 +52,9 @@ def to_device(batch: Batch, device: torch.device | str) -> DeviceBatch:
 def model_inputs(model: torch.nn.Module, batch: Batch) -> dict:
     """input_ids and position_ids, plus document boundaries for the variable-length attention implementations
     (transformers forwards them to attention; sdpa and eager derive a block-diagonal mask from the position ids)."""
-    inputs = {"input_ids": batch.input_ids, "position_ids": batch.position_ids}
+    # use_cache=False: with a KV cache (the default in most hub configs) transformers skips its packed-sequence
+    # detection, and packed documents would attend to each other.
+    inputs = {"input_ids": batch.input_ids, "position_ids": batch.position_ids, "use_cache": False}
     if _unwrap(model).config._attn_implementation in VARLEN_IMPLEMENTATIONS:
         # A batch that did not come through to_device pays a device-to-host copy here.
         inputs.update(batch.attention if isinstance(batch, DeviceBatch) else packed_attention_kwargs(batch.position_ids))
