@@ -1,0 +1,1 @@
+"""Post-training: SFT, DPO, GRPO objectives and model merging."""
