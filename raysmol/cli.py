@@ -69,6 +69,17 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
+def cmd_sft(args) -> int:
+    from raysmol.train.launch import pretrain
+
+    cfg = load_config(*_split(args))
+    if not cfg.sft.data:
+        raise ConfigError(f"{cfg.origin}: sft.data: raysmol sft needs chat data (jsonl or parquet with messages) "
+                          "and sft.init_from (the base model)")
+    print(json.dumps(pretrain(cfg), indent=1))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="raysmol", description="Train small LLMs on Ray (Smol Training Playbook).")
     sub = parser.add_subparsers(dest="verb", required=True)
@@ -82,11 +93,18 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("pretrain", help="pretrain on Ray Train + DeepSpeed (default: the embedded tiny job)")
     _config_args(p, optional=True)
     p.set_defaults(fn=cmd_pretrain)
+    p = sub.add_parser("sft", help="supervised fine-tuning on chat data (sft.data) from a base model "
+                                   "(sft.init_from): assistant-only loss, whole conversations packed")
+    _config_args(p, optional=False)
+    p.set_defaults(fn=cmd_sft)
     eval_cli.add_parser(sub)
     from raysmol import ledger
     from raysmol.ablate import signal, tune
 
     tune.add_parser(sub)
+    from raysmol.post import merge as post_merge
+
+    post_merge.add_parser(sub)
     ledger.add_parser(sub)
     signal.add_parser(sub)
     p = sub.add_parser("submit", help="run CONFIG on a Ray cluster as a job; or --status/--logs/--stop JOB")
@@ -98,11 +116,12 @@ def main(argv: list[str] | None = None) -> None:
     from raysmol.data.tokenizer import TokenizerError
     from raysmol.eval.freeform import FreeformError
     from raysmol.eval.sandbox import SandboxUnavailable
+    from raysmol.post.chat import ChatError
     from raysmol.serve.engines import EngineError
 
     try:
         sys.exit(args.fn(args))
     except (ConfigError, DataError, TokenizerError, submit.SubmitError, FreeformError, SandboxUnavailable,
-            EngineError) as e:
+            EngineError, ChatError) as e:
         print(f"raysmol: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -92,6 +92,19 @@ class DataConfig:
 
 
 @dataclass
+class SFTConfig:
+    # Chat conversations (jsonl or parquet rows with a list of {role, content} messages under `messages_key`,
+    # local or s3://). Set, the run is supervised fine-tuning: data.sources are not read, only assistant tokens
+    # carry loss, and conversations are packed whole (raysmol/post/chat.py).
+    data: str | None = None
+    messages_key: str = "messages"
+    # The base model: a Hugging Face folder or a raysmol run directory (its hf/); its tokenizer is used.
+    init_from: str | None = None
+    # Share of conversations (by content hash) held out for validation loss.
+    val_fraction: float = 0.05
+
+
+@dataclass
 class OptimConfig:
     lr: float = 3e-3
     weight_decay: float = 0.1
@@ -206,6 +219,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
     # Where the values came from, for error messages; not part of the config itself.
     origin: str = field(default="<defaults>", compare=False, repr=False)
 
@@ -423,6 +437,11 @@ def validate(cfg: Config) -> None:
          f"{m.attn_implementation} needs train.use_gpu: true; on CPUs use auto, sdpa, eager or varlen")
     need(not (m.attn_implementation == "varlen" and t.use_gpu and t.precision == "fp32"), "model.attn_implementation",
          "varlen runs flash kernels, which need bf16 on GPUs: set train.precision: bf16 (or auto) or use sdpa")
+    s = cfg.sft
+    if s.data is not None:
+        need(s.init_from is not None, "sft.init_from", "supervised fine-tuning starts from a model: set it to a "
+             "Hugging Face folder or a run directory")
+        need(0 <= s.val_fraction < 1, "sft.val_fraction", f"must be in [0, 1), got {s.val_fraction}")
     g = cfg.guard
     for key in ("window", "min_steps", "max_rollbacks"):
         need(getattr(g, key) > 0, f"guard.{key}", f"must be positive, got {getattr(g, key)}")
@@ -449,7 +468,8 @@ def validate(cfg: Config) -> None:
     need(o.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0 = off), got {o.grad_clip}")
     need(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1/beta2", "must be in [0, 1)")
 
-    need(len(d.sources) > 0, "data.sources", "at least one source is needed")
+    need(len(d.sources) > 0 or cfg.sft.data is not None, "data.sources",
+         "at least one source is needed (or sft.data, for fine-tuning)")
     names = set()
     for i, s in enumerate(d.sources):
         k = f"data.sources.{i}"
@@ -458,5 +478,5 @@ def validate(cfg: Config) -> None:
         names.add(s.name)
         need(bool(s.path), f"{k}.path", f"source {s.name!r} needs a path")
         need(s.weight >= 0, f"{k}.weight", f"source {s.name!r} has a negative weight {s.weight}; weights must be >= 0")
-    need(sum(s.weight for s in d.sources) > 0, "data.sources.*.weight", "weights sum to zero; at least one must be > 0")
+    need(not d.sources or sum(s.weight for s in d.sources) > 0, "data.sources.*.weight", "weights sum to zero; at least one must be > 0")
     need(0 <= d.val_fraction < 0.5, "data.val_fraction", f"must be in [0, 0.5), got {d.val_fraction}")

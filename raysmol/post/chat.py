@@ -16,12 +16,14 @@ and a conversation longer than a row is truncated and counted.
 
 from __future__ import annotations
 
+import json
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from raysmol.data.batches import Batch
+from raysmol.data.batches import Batch, Batches
 
 IGNORE = -100  # F.cross_entropy's ignore_index: positions that carry no loss
 
@@ -135,3 +137,87 @@ def pack(examples: list[tuple[np.ndarray, np.ndarray]], seq_len: int, pad_id: in
             at += n
         pos[r, at:] = np.arange(seq_len - at)  # padding: its own "document", no loss
     return Packed(ids, labels, pos, rows, sum(len(ids) > seq_len for ids, _ in examples))
+
+
+class ChatBatches(Batches):
+    """Global batches of packed chat rows with the pretraining layout (`Batches.micro_batches`): sample g is
+    row order_e[g mod n] of epoch e = g // n, each epoch a seeded permutation, the same at any world size."""
+
+    def __init__(self, packed: Packed, samples_per_step: int, seed: int):
+        self.packed, self.samples_per_step, self.seed = packed, samples_per_step, seed
+        self.rows = len(packed.input_ids)
+        self.seq_len = packed.input_ids.shape[1]
+        self._orders: dict[int, np.ndarray] = {}
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if epoch not in self._orders:
+            self._orders[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.rows)
+        return self._orders[epoch]
+
+    def samples(self, g: np.ndarray) -> Batch:
+        return self.packed.batch([self._order(int(x) // self.rows)[int(x) % self.rows] for x in np.asarray(g)])
+
+    def epochs(self, step: int) -> dict[str, float]:
+        return {"sft": (step + 1) * self.samples_per_step / self.rows}
+
+
+def read_conversations(uri: str, key: str = "messages") -> list[tuple[str, list[dict]]]:
+    """(where, messages) per row of a jsonl or parquet file (local or object storage); bad rows name file and line."""
+    from raysmol import storage
+
+    if uri.startswith("builtin:"):
+        return builtin_conversations(uri)
+    if uri.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        fs, path = storage.filesystem(uri)
+        table = pq.read_table(path, filesystem=fs)
+        if key not in table.column_names:
+            raise ChatError(f"{uri}: no column {key!r} (columns: {', '.join(table.column_names)})")
+        return [(f"{uri} row {i}", m) for i, m in enumerate(table.column(key).to_pylist())]
+    out = []
+    for i, line in enumerate(storage.read_text(uri).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ChatError(f"{uri} line {i}: not valid JSON ({e.msg})") from e
+        if not isinstance(row, dict) or key not in row:
+            raise ChatError(f"{uri} line {i}: expected an object with a {key!r} list of messages")
+        out.append((f"{uri} line {i}", row[key]))
+    if not out:
+        raise ChatError(f"{uri}: no conversations")
+    return out
+
+
+def builtin_conversations(spec: str, n: int = 5000, seed: int = 1) -> list[tuple[str, list[dict]]]:
+    """`builtin:arithmetic`: the embedded corpus's word problems as conversations (question -> worked solution),
+    with another seed than the pretraining corpus, so the answers are new to the model."""
+    from raysmol.data.corpus import generate_arithmetic
+
+    if spec != "builtin:arithmetic":
+        raise ChatError(f"sft.data: unknown built-in chat data {spec!r}; valid: builtin:arithmetic")
+    out = []
+    for i, doc in enumerate(generate_arithmetic(n, seed)):
+        question, solution = doc.split("\nSolution: ", 1)
+        out.append((f"{spec} #{i}", [{"role": "user", "content": question},
+                                     {"role": "assistant", "content": solution}]))
+    return out
+
+
+def prepare_chat(uri: str, tokenizer, seq_len: int, val_fraction: float, key: str = "messages") -> dict:
+    """Encode, split (by a hash of the conversation, so the split never depends on file order) and pack."""
+    train, val = [], []
+    for where, messages in read_conversations(uri, key):
+        example = encode(tokenizer, messages, where)
+        held_out = zlib.crc32(json.dumps(messages, sort_keys=True).encode()) % 10_000 < val_fraction * 10_000
+        (val if held_out else train).append(example)
+    if not train:
+        raise ChatError(f"{uri}: every conversation went to validation (val_fraction={val_fraction})")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    packed_train = pack(train, seq_len, pad)
+    return {"train": packed_train, "val": pack(val, seq_len, pad) if val else None,
+            "stats": {"conversations": len(train), "val_conversations": len(val), "rows": len(packed_train.input_ids),
+                      "truncated": packed_train.truncated,
+                      "assistant_tokens": int((packed_train.labels != IGNORE).sum())}}

@@ -7,6 +7,7 @@ import logging
 import os
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import ray
@@ -72,11 +73,16 @@ def pretrain(cfg: Config, *, show_progress: bool = True,
     from ray.train.torch import TorchConfig, TorchTrainer
 
     init_ray()
+    base = _sft_base(cfg) if cfg.sft.data else None
     tok = tokenizer_for(cfg)
     if tok.vocab_size > cfg.vocab_size():
         raise ConfigError(f"{cfg.origin}: model.vocab_size={cfg.vocab_size()} is smaller than the tokenizer "
                           f"{cfg.tokenizer.name!r} ({tok.vocab_size} tokens)")
-    sources = prepare(cfg, tok, show_progress=show_progress)
+    tok_dir, chat, sources = tok.hf_dir, None, []
+    if base is not None:
+        tok_dir, chat = _sft_data(cfg, tok)
+    else:
+        sources = prepare(cfg, tok, show_progress=show_progress)
     rd = run_dir(cfg)
     storage.makedirs(rd)
     storage.write_text(storage.join(rd, "config.yaml"), cfg.to_yaml())
@@ -92,6 +98,8 @@ def pretrain(cfg: Config, *, show_progress: bool = True,
         "val_dirs": [str(s.split_dir("val")) if s.manifest["splits"]["val"]["tokens"] else None for s in sources],
         "eos_id": tok.eos_id,
         "eval_suite": _training_suite(cfg, tok),
+        "sft": chat,
+        "init_from": str(base) if base is not None else None,
         "progress": progress,
         "run_dir": rd,
     }
@@ -112,14 +120,50 @@ def pretrain(cfg: Config, *, show_progress: bool = True,
     result = _fit_with_progress(trainer, progress, metrics, t.steps, show_progress, on_rows)
     wall = time.time() - started
 
-    for f in sorted(tok.hf_dir.iterdir()):  # tokenizer files beside the weights rank 0 exported
+    for f in sorted(Path(tok_dir).iterdir()):  # tokenizer files beside the weights rank 0 exported
         if f.is_file() and not f.name.startswith("_"):
             storage.write_bytes(storage.join(rd, "hf", f.name), f.read_bytes())
     summary = _summary(cfg, metrics.rows, wall, result, rd, sources)
+    if chat is not None:
+        summary["sft"] = {"data": cfg.sft.data, "init_from": str(base), **chat["stats"]}
     storage.write_text(storage.join(rd, "summary.json"), json.dumps(summary, indent=1))
     ledger.record_run(rd, cfg, wall, metrics.rows, started, summary["recovery"])
     _plot(metrics.rows, rd)
     return summary
+
+
+def _sft_base(cfg: Config) -> Path:
+    """The base model's folder; its tokenizer becomes the run's, and its shape must be the config's."""
+    from raysmol.eval.cf import resolve_checkpoint
+    from raysmol.model import hf_config
+
+    base = resolve_checkpoint(cfg.sft.init_from)
+    cfg.tokenizer.name = str(base)
+    have = json.loads((base / "config.json").read_text())
+    want = hf_config(cfg, have.get("eos_token_id") or 0).to_dict()
+    keys = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "vocab_size", "tie_word_embeddings")
+    diff = [f"{k}: config {want.get(k)!r} vs model {have.get(k)!r}" for k in keys if want.get(k) != have.get(k)]
+    if diff:
+        raise ConfigError(f"{cfg.origin}: sft.init_from={cfg.sft.init_from!r} does not have the config's model "
+                          f"shape ({'; '.join(diff)}); set the model section to the base model's")
+    return base
+
+
+def _sft_data(cfg: Config, tok) -> tuple[Path, dict]:
+    """Chat template on the tokenizer (exported with the model), then the packed conversations."""
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    from raysmol.post.chat import ensure_template, prepare_chat
+
+    hf_tok = AutoTokenizer.from_pretrained(tok.hf_dir)
+    ensure_template(hf_tok)
+    tok_dir = Path(tempfile.mkdtemp(prefix="raysmol-chat-tok-"))
+    hf_tok.save_pretrained(tok_dir)
+    s = cfg.sft
+    return tok_dir, prepare_chat(s.data, hf_tok, cfg.train.seq_len, s.val_fraction, s.messages_key)
 
 
 def _workers(t) -> int | tuple[int, int]:

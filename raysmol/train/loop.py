@@ -19,6 +19,7 @@ from raysmol.config import Config, from_dict
 from raysmol.data.batches import Batches
 from raysmol.data.store import TokenStream
 from raysmol.model import build_model, flops_per_token, precision, prepare_for_training
+from raysmol.post.chat import ChatBatches
 from raysmol.train import checkpoint as ckpt
 from raysmol.train.faults import Drills
 from raysmol.train.guard import DataPlan, GuardedAdamW, GuardError, Sentry, SpikeGuard
@@ -89,11 +90,21 @@ def train_func(loop_config: dict[str, Any]) -> None:
     suite = loop_config.get("eval_suite")
     drills = Drills(cfg.faults, run_dir, rank, progress)
     weights = [s.weight for s in cfg.data.sources]
-    batches = Batches([TokenStream(d, cfg.data.seed) for d in loop_config["train_dirs"]], weights, cfg.data.seed,
-                      t.seq_len, t.samples_per_step(), cfg.data.intra_doc_masking)
-    val = _val_batches(cfg, loop_config["val_dirs"], weights)
+    chat = loop_config.get("sft")
+    if chat is not None:  # supervised fine-tuning: packed conversations instead of the pretraining mixture
+        batches = ChatBatches(chat["train"], t.samples_per_step(), cfg.data.seed)
+        val = ChatBatches(chat["val"], t.samples_per_step(), cfg.data.seed + 1) if chat["val"] else None
+    else:
+        batches = Batches([TokenStream(d, cfg.data.seed) for d in loop_config["train_dirs"]], weights,
+                          cfg.data.seed, t.seq_len, t.samples_per_step(), cfg.data.intra_doc_masking)
+        val = _val_batches(cfg, loop_config["val_dirs"], weights)
 
-    model = prepare_for_training(build_model(cfg, loop_config["eos_id"], seed=t.seed), cfg)
+    model = build_model(cfg, loop_config["eos_id"], seed=t.seed)
+    if loop_config.get("init_from"):
+        from transformers import AutoModelForCausalLM
+
+        model.load_state_dict(AutoModelForCausalLM.from_pretrained(loop_config["init_from"]).state_dict())
+    model = prepare_for_training(model, cfg)
     optimizer = make_optimizer(cfg, model)
     plan = DataPlan()  # data skips and lr windows from rollbacks; restored with the checkpoint
     base_lr = lr_multiplier(o, t.steps)
@@ -141,7 +152,8 @@ def train_func(loop_config: dict[str, Any]) -> None:
             metrics = {"step": step, "tokens": tokens, "loss": loss_mean, "grad_norm": _grad_norm(engine),
                        "lr": engine.get_lr()[0], "step_time": elapsed / n_steps, "tokens_per_s": tps,
                        "tokens_per_s_per_worker": tps / world, "mfu": tps * tpf / (peak * world) if peak else None,
-                       "epochs": _epochs(batches, plan.data_step(step - 1), names)}
+                       "epochs": (batches.epochs(plan.data_step(step - 1)) if chat is not None
+                                  else _epochs(batches, plan.data_step(step - 1), names))}
             if eval_due:
                 metrics["val_loss"] = evaluate(engine, val, cfg, rank, world, device)
                 if suite is not None:  # every rank scores (ZeRO-3 forwards are collective); rank 0 logs
