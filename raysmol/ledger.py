@@ -86,13 +86,7 @@ def collect(root: str) -> list[dict[str, Any]]:
 
     out = []
     for f in sorted(Path(root).expanduser().rglob(LEDGER_FILE)):
-        for i, line in enumerate(f.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LedgerError(f"{f}:{i}: not a JSON record: {e}") from e
+        for i, rec in storage.jsonl_objects(f, LedgerError):
             for key in ("category", "devices", "device_kind", "device_hours"):
                 if key not in rec:
                     raise LedgerError(f"{f}:{i}: record lacks {key!r}")

@@ -16,6 +16,7 @@ workers) carries the endpoint but each process reads its credentials from its ow
 
 from __future__ import annotations
 
+import json
 import os
 import posixpath
 import re
@@ -23,6 +24,7 @@ import shutil
 import tempfile
 import threading
 import urllib.parse
+from collections.abc import Iterator
 from functools import lru_cache
 
 import pyarrow.fs as pafs
@@ -248,3 +250,18 @@ def ray_storage(uri: PathLike) -> tuple[str, pafs.FileSystem | None]:
         return _local_path(uri), None
     fs, path = filesystem(uri)
     return path, fs
+
+
+def jsonl_objects(uri: PathLike, error: type[Exception] = ValueError) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-empty line of a jsonl file; a line that is not a JSON object raises
+    `error` naming the file and line."""
+    for lineno, line in enumerate(read_text(uri).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise error(f"{uri}:{lineno}: not valid JSON ({e.msg})") from e
+        if not isinstance(obj, dict):
+            raise error(f"{uri}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        yield lineno, obj

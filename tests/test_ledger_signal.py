@@ -53,7 +53,7 @@ def test_ledger_sums_a_tree_into_the_playbooks_table(tmp_path):
 def test_a_broken_ledger_line_names_the_file(tmp_path):
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "ledger.jsonl").write_text('{"category": "main"\n')
-    with pytest.raises(ledger.LedgerError, match=r"r/ledger.jsonl:1: not a JSON record"):
+    with pytest.raises(ledger.LedgerError, match=r"r/ledger.jsonl:1: not valid JSON"):
         ledger.collect(str(tmp_path))
 
 

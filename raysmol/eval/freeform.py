@@ -39,19 +39,9 @@ class FreeformError(ValueError):
 
 def read_jsonl(path: str, required: Sequence[str] = ()) -> Iterator[tuple[int, dict]]:
     """(line number, object) for each non-empty line; a broken line or a missing field names file and line."""
-    try:
-        text = storage.read_text(path)
-    except FileNotFoundError as e:
-        raise FreeformError(f"{path}: no such file") from e
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise FreeformError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
-        if not isinstance(obj, dict):
-            raise FreeformError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+    if not storage.exists(path):
+        raise FreeformError(f"{path}: no such file")
+    for lineno, obj in storage.jsonl_objects(path, FreeformError):
         missing = [k for k in required if not isinstance(obj.get(k), str)]
         if missing:
             raise FreeformError(f"{path}:{lineno}: missing string field(s) {', '.join(missing)} "

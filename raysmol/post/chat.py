@@ -176,16 +176,10 @@ def read_conversations(uri: str, key: str = "messages") -> list[tuple[str, list[
             raise ChatError(f"{uri}: no column {key!r} (columns: {', '.join(table.column_names)})")
         return [(f"{uri} row {i}", m) for i, m in enumerate(table.column(key).to_pylist())]
     out = []
-    for i, line in enumerate(storage.read_text(uri).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ChatError(f"{uri} line {i}: not valid JSON ({e.msg})") from e
-        if not isinstance(row, dict) or key not in row:
-            raise ChatError(f"{uri} line {i}: expected an object with a {key!r} list of messages")
-        out.append((f"{uri} line {i}", row[key]))
+    for i, row in storage.jsonl_objects(uri, ChatError):
+        if key not in row:
+            raise ChatError(f"{uri}:{i}: expected an object with a {key!r} list of messages")
+        out.append((f"{uri}:{i}", row[key]))
     if not out:
         raise ChatError(f"{uri}: no conversations")
     return out
