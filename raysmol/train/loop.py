@@ -181,7 +181,7 @@ def train_step(engine, objective: Objective, mbs: list, device, sentry: Sentry, 
     """
     losses = []
     for i, mb in enumerate(mbs):
-        loss, _ = objective(engine, to_device(mb, device))
+        loss, _ = objective(engine, to_device(mb, device, engine))
         loss = loss * mult if mult is not None else loss
         engine.backward(loss)
         losses.append(loss.detach())
@@ -304,7 +304,7 @@ def evaluate(engine, val: Batches | None, cfg: Config, rank: int, world: int, de
     for chunk in np.array_split(mine, max(1, math.ceil(len(mine) / cfg.train.micro_batch_size))):
         if len(chunk) == 0:
             continue
-        b = to_device(val.samples(chunk), device)
+        b = to_device(val.samples(chunk), device, engine)
         loss, _ = OBJECTIVES["causal_lm"](engine, b)
         total += torch.stack([loss.double() * len(chunk), torch.tensor(float(len(chunk)), dtype=torch.float64, device=device)])
     engine.train()

@@ -41,12 +41,20 @@ class DeviceBatch(Batch):
     attention: dict = field(default_factory=dict)
 
 
-def to_device(batch: Batch, device: torch.device | str) -> DeviceBatch:
+def to_device(batch: Batch, device: torch.device | str, model: torch.nn.Module | None = None) -> DeviceBatch:
+    """The batch on `device`; with the document boundaries when `model` attends with a variable-length kernel
+    (or when no model is given): sdpa and eager never read them, so their steps skip the host work."""
     moved = batch.to(device)
     cuda = torch.device(device).type == "cuda"
-    attention = {k: v.pin_memory().to(device, non_blocking=True) if cuda and torch.is_tensor(v) else v
-                 for k, v in packed_attention_kwargs(batch.position_ids).items()}
+    attention = {}
+    if model is None or needs_boundaries(model):
+        attention = {k: v.pin_memory().to(device, non_blocking=True) if cuda and torch.is_tensor(v) else v
+                     for k, v in packed_attention_kwargs(batch.position_ids).items()}
     return DeviceBatch(**{f.name: getattr(moved, f.name) for f in fields(Batch)}, attention=attention)
+
+
+def needs_boundaries(model: torch.nn.Module) -> bool:
+    return _unwrap(model).config._attn_implementation in VARLEN_IMPLEMENTATIONS
 
 
 def model_inputs(model: torch.nn.Module, batch: Batch) -> dict:
@@ -55,9 +63,10 @@ def model_inputs(model: torch.nn.Module, batch: Batch) -> dict:
     # use_cache=False: with a KV cache (the default in most hub configs) transformers skips its packed-sequence
     # detection, and packed documents would attend to each other.
     inputs = {"input_ids": batch.input_ids, "position_ids": batch.position_ids, "use_cache": False}
-    if _unwrap(model).config._attn_implementation in VARLEN_IMPLEMENTATIONS:
-        # A batch that did not come through to_device pays a device-to-host copy here.
-        inputs.update(batch.attention if isinstance(batch, DeviceBatch) else packed_attention_kwargs(batch.position_ids))
+    if needs_boundaries(model):
+        # A batch that did not come through to_device with this model pays a device-to-host copy here.
+        ready = isinstance(batch, DeviceBatch) and batch.attention
+        inputs.update(batch.attention if ready else packed_attention_kwargs(batch.position_ids))
     return inputs
 
 
