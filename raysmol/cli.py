@@ -69,13 +69,20 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
-def cmd_sft(args) -> int:
+POST_TRAINING_NEEDS = {
+    "sft": "chat data (jsonl or parquet rows with messages)",
+    "dpo": "preference pairs (jsonl or parquet rows with prompt, chosen, rejected)",
+    "grpo": "prompts with answers (jsonl or parquet rows with prompt, answer)",
+}
+
+
+def cmd_post(args) -> int:
     from raysmol.train.launch import pretrain
 
     cfg = load_config(*_split(args))
-    if not cfg.sft.data:
-        raise ConfigError(f"{cfg.origin}: sft.data: raysmol sft needs chat data (jsonl or parquet with messages) "
-                          "and sft.init_from (the base model)")
+    if cfg.post_training() != args.verb:
+        raise ConfigError(f"{cfg.origin}: {args.verb}.data: raysmol {args.verb} needs {POST_TRAINING_NEEDS[args.verb]} "
+                          f"and {args.verb}.init_from (the starting model)")
     print(json.dumps(pretrain(cfg), indent=1))
     return 0
 
@@ -93,10 +100,15 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("pretrain", help="pretrain on Ray Train + DeepSpeed (default: the embedded tiny job)")
     _config_args(p, optional=True)
     p.set_defaults(fn=cmd_pretrain)
-    p = sub.add_parser("sft", help="supervised fine-tuning on chat data (sft.data) from a base model "
-                                   "(sft.init_from): assistant-only loss, whole conversations packed")
-    _config_args(p, optional=False)
-    p.set_defaults(fn=cmd_sft)
+    for verb, what in (("sft", "supervised fine-tuning on chat data (sft.data) from a base model (sft.init_from): "
+                                "assistant-only loss, whole conversations packed"),
+                       ("dpo", "direct preference optimisation on chosen/rejected pairs (dpo.data) against the frozen "
+                               "dpo.init_from model"),
+                       ("grpo", "GRPO: engine actors sample completions of grpo.data's prompts, rewards score them, "
+                                "the policy learns from group-normalised advantages; weights synced every step")):
+        p = sub.add_parser(verb, help=what)
+        _config_args(p, optional=False)
+        p.set_defaults(fn=cmd_post)
     eval_cli.add_parser(sub)
     from raysmol import ledger
     from raysmol.ablate import signal, tune

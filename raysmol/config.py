@@ -105,6 +105,53 @@ class SFTConfig:
 
 
 @dataclass
+class DPOConfig:
+    # Preference pairs (jsonl or parquet rows {prompt, chosen, rejected}; prompt: text or a list of messages,
+    # chosen/rejected: the assistant's reply as text), local, s3:// or hf://. Set, the run is DPO: the model
+    # learns to prefer `chosen` over `rejected` relative to the frozen reference (the init_from model).
+    data: str | None = None
+    # The starting model and the frozen reference: a Hugging Face folder or a raysmol run directory (its hf/).
+    init_from: str | None = None
+    # Strength of the pull towards the reference (the sigmoid loss's beta): small = far from it.
+    beta: float = 0.1
+    val_fraction: float = 0.05
+
+
+@dataclass
+class GRPOConfig:
+    # Prompts with reference answers (jsonl or parquet rows {prompt, answer}; code rows {prompt, test,
+    # entry_point}), local, s3:// or hf://, or builtin:arithmetic / builtin:arithmetic-small. Set, the run is GRPO.
+    data: str | None = None
+    # The starting policy: a Hugging Face folder or a raysmol run directory (its hf/).
+    init_from: str | None = None
+    # exact (the last number equals the answer), math (math-verify), code (tests pass in the sandbox), or
+    # "module:function" called as function(completion: str, row: dict) -> float.
+    reward: str = "exact"
+    # Completions per prompt (the group whose rewards normalise each other).
+    group_size: int = 8
+    # Prompts per optimizer step; prompts_per_step * group_size * train.seq_len must equal global_batch_tokens.
+    prompts_per_step: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 48
+    # PPO-style clipping of the probability ratio between the trained policy and the one that sampled.
+    clip: float = 0.2
+    # Weight of the KL penalty to the init_from model (0 = none, and no reference model is kept).
+    kl_beta: float = 0.0
+    engine: Literal["transformers", "vllm"] = "transformers"
+    num_engines: int = 1
+    # GPUs per engine actor when train.use_gpu (CPU engines take cpus_per_engine).
+    gpus_per_engine: float = 1.0
+    cpus_per_engine: float = 1.0
+    rollout_timeout_s: float = 300.0
+    sync_timeout_s: float = 300.0
+    # Held-out prompts scored greedily (exact match through the reward) at every validation.
+    eval_prompts: int = 200
+    # Prompts to hold out before training draws any (the first eval_prompts of a seeded permutation).
+    val_fraction: float = 0.05
+
+
+@dataclass
 class OptimConfig:
     lr: float = 3e-3
     weight_decay: float = 0.1
@@ -209,6 +256,9 @@ class FaultsConfig:
     pause_seconds: float = 30.0
 
 
+POST_TRAINING = ("sft", "dpo", "grpo")
+
+
 @dataclass
 class Config:
     run: RunSection = field(default_factory=RunSection)
@@ -220,6 +270,8 @@ class Config:
     guard: GuardConfig = field(default_factory=GuardConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
     # Where the values came from, for error messages; not part of the config itself.
     origin: str = field(default="<defaults>", compare=False, repr=False)
 
@@ -232,6 +284,11 @@ class Config:
             f"{self.origin}: model.vocab_size is required when tokenizer.name is not 'builtin' "
             f"(set it to the size of {self.tokenizer.name!r})"
         )
+
+    def post_training(self) -> str | None:
+        """"sft", "dpo" or "grpo" when that section has data (at most one may), else None (pretraining)."""
+        modes = [m for m in POST_TRAINING if getattr(self, m).data is not None]
+        return modes[0] if modes else None
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -437,11 +494,33 @@ def validate(cfg: Config) -> None:
          f"{m.attn_implementation} needs train.use_gpu: true; on CPUs use auto, sdpa, eager or varlen")
     need(not (m.attn_implementation == "varlen" and t.use_gpu and t.precision == "fp32"), "model.attn_implementation",
          "varlen runs flash kernels, which need bf16 on GPUs: set train.precision: bf16 (or auto) or use sdpa")
-    s = cfg.sft
-    if s.data is not None:
-        need(s.init_from is not None, "sft.init_from", "supervised fine-tuning starts from a model: set it to a "
-             "Hugging Face folder or a run directory")
-        need(0 <= s.val_fraction < 1, "sft.val_fraction", f"must be in [0, 1), got {s.val_fraction}")
+    modes = [m for m in POST_TRAINING if getattr(cfg, m).data is not None]
+    need(len(modes) <= 1, f"{modes[-1]}.data" if modes else "sft.data",
+         f"{' and '.join(m + '.data' for m in modes)} are all set; a run does one kind of post-training")
+    for m in modes:
+        s = getattr(cfg, m)
+        need(s.init_from is not None, f"{m}.init_from", f"{m} starts from a model: set it to a Hugging Face folder "
+             "or a run directory")
+        need(0 <= s.val_fraction < 1, f"{m}.val_fraction", f"must be in [0, 1), got {s.val_fraction}")
+    need(cfg.dpo.beta > 0, "dpo.beta", f"must be positive, got {cfg.dpo.beta}")
+    r = cfg.grpo
+    if r.data is not None:
+        need(r.group_size >= 2, "grpo.group_size", f"a group needs >= 2 completions to normalise, got {r.group_size}")
+        need(r.prompts_per_step * r.group_size * t.seq_len == t.global_batch_tokens, "grpo.prompts_per_step",
+             f"prompts_per_step x group_size x train.seq_len = {r.prompts_per_step} x {r.group_size} x {t.seq_len} "
+             f"must equal train.global_batch_tokens={t.global_batch_tokens} (one row per completion)")
+        need(r.prompts_per_step % t.num_workers == 0, "grpo.prompts_per_step",
+             f"{r.prompts_per_step} prompts do not split over train.num_workers={t.num_workers} (a group stays on one rank)")
+        need(t.min_workers is None or t.min_workers == t.num_workers, "train.min_workers",
+             "GRPO runs at a fixed world size (groups are split over ranks)")
+        need(0 < r.max_new_tokens < t.seq_len, "grpo.max_new_tokens", f"must be in (0, train.seq_len={t.seq_len})")
+        need(r.temperature > 0, "grpo.temperature", f"sampling needs a positive temperature, got {r.temperature}")
+        need(0 < r.top_p <= 1, "grpo.top_p", f"must be in (0, 1], got {r.top_p}")
+        need(r.clip > 0, "grpo.clip", f"must be positive, got {r.clip}")
+        need(r.kl_beta >= 0, "grpo.kl_beta", f"must be >= 0, got {r.kl_beta}")
+        need(r.num_engines >= 1, "grpo.num_engines", f"must be >= 1, got {r.num_engines}")
+        need(r.rollout_timeout_s > 0 and r.sync_timeout_s > 0, "grpo.rollout_timeout_s/sync_timeout_s", "must be positive")
+        need(r.eval_prompts >= 0, "grpo.eval_prompts", f"must be >= 0, got {r.eval_prompts}")
     g = cfg.guard
     for key in ("window", "min_steps", "max_rollbacks"):
         need(getattr(g, key) > 0, f"guard.{key}", f"must be positive, got {getattr(g, key)}")
@@ -468,8 +547,8 @@ def validate(cfg: Config) -> None:
     need(o.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0 = off), got {o.grad_clip}")
     need(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1/beta2", "must be in [0, 1)")
 
-    need(len(d.sources) > 0 or cfg.sft.data is not None, "data.sources",
-         "at least one source is needed (or sft.data, for fine-tuning)")
+    need(len(d.sources) > 0 or bool(modes), "data.sources",
+         "at least one source is needed (or sft.data, dpo.data or grpo.data, for post-training)")
     names = set()
     for i, s in enumerate(d.sources):
         k = f"data.sources.{i}"

@@ -27,6 +27,7 @@ import urllib.parse
 from collections.abc import Iterator
 from functools import lru_cache
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 PathLike = str | os.PathLike[str]
@@ -87,6 +88,8 @@ def filesystem(uri: PathLike) -> tuple[pafs.FileSystem, str]:
     uri = os.fspath(uri)
     if not is_remote(uri):
         return _LOCAL, _local_path(uri)
+    if uri.startswith("hf://"):
+        return _hf_filesystem(), uri[len("hf://"):]
     parsed = urllib.parse.urlparse(uri)
     scheme = parsed.scheme.lower()
     if scheme not in _BUCKET_SCHEMES:
@@ -98,6 +101,14 @@ def filesystem(uri: PathLike) -> tuple[pafs.FileSystem, str]:
             fs, _ = pafs.FileSystem.from_uri(urllib.parse.urlunparse(parsed._replace(path="")))
             _cache[key] = fs
     return fs, _bucket_path(parsed)
+
+
+def _hf_filesystem() -> pafs.FileSystem:
+    # The hub's datasets (hf://datasets/<repo>/<path>) through huggingface_hub's fsspec implementation, wrapped
+    # so callers see one pyarrow filesystem API (token from HF_TOKEN or the hub login, as huggingface_hub does).
+    from huggingface_hub import HfFileSystem
+
+    return pafs.PyFileSystem(pafs.FSSpecHandler(HfFileSystem()))
 
 
 def join(uri: PathLike, *parts: str) -> str:
@@ -265,3 +276,22 @@ def jsonl_objects(uri: PathLike, error: type[Exception] = ValueError) -> Iterato
         if not isinstance(obj, dict):
             raise error(f"{uri}:{lineno}: expected a JSON object, got {type(obj).__name__}")
         yield lineno, obj
+
+
+def records(uri: PathLike, error: type[Exception] = ValueError) -> Iterator[tuple[str, dict]]:
+    """(where, row) for each row of a jsonl or parquet file (local, s3://, hf://); `where` names file and line
+    or row for error messages, and a file that cannot be read raises `error` naming it."""
+    uri = os.fspath(uri)
+    try:
+        if uri.endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            fs, path = filesystem(uri)
+            for i, row in enumerate(pq.read_table(path, filesystem=fs).to_pylist()):
+                yield f"{uri} row {i}", row
+            return
+        rows = list(jsonl_objects(uri, error))
+    except (OSError, pa.ArrowInvalid) as e:
+        raise error(f"{uri}: cannot read it as {'parquet' if uri.endswith('.parquet') else 'jsonl'}: {e}") from e
+    for lineno, row in rows:
+        yield f"{uri}:{lineno}", row

@@ -254,3 +254,20 @@ def hf_models(small_data, tmp_path_factory) -> dict[str, Path]:
     cfg["intermediate_size"] = 512  # a different shape: loading it into an engine serving "a" must be refused
     (wide / "config.json").write_text(json.dumps(cfg))
     return {**out, "wide": wide}
+
+
+@pytest.fixture(scope="session")
+def base(small_data, tmp_path_factory) -> Path:
+    """A base model of small_config's shape, saved as a Hugging Face folder with its tokenizer (post-training)."""
+    import transformers
+
+    from raysmol.model import build_model
+    from raysmol.train.launch import tokenizer_for
+
+    tmp = tmp_path_factory.mktemp("post_base")
+    cfg = small_config(tmp, small_data)
+    tok = tokenizer_for(cfg)
+    folder = tmp / "base"
+    build_model(cfg, tok.eos_id, seed=5).save_pretrained(folder)
+    transformers.AutoTokenizer.from_pretrained(tok.hf_dir).save_pretrained(folder)
+    return folder

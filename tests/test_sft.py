@@ -25,21 +25,6 @@ def chats(path, n: int, seed: int = 0):
     return path
 
 
-@pytest.fixture(scope="module")
-def base(small_data, tmp_path_factory):
-    """A base model of small_config's shape, saved as a Hugging Face folder with its tokenizer."""
-    from raysmol.model import build_model
-    from raysmol.train.launch import tokenizer_for
-
-    tmp = tmp_path_factory.mktemp("sft_base")
-    cfg = small_config(tmp, small_data)
-    tok = tokenizer_for(cfg)
-    folder = tmp / "base"
-    build_model(cfg, tok.eos_id, seed=5).save_pretrained(folder)
-    transformers.AutoTokenizer.from_pretrained(tok.hf_dir).save_pretrained(folder)
-    return folder
-
-
 def sft_config(tmp_path, small_data, base, **over):
     data = chats(tmp_path / "chat.jsonl", 300)
     return small_config(tmp_path, small_data, {"sft.data": str(data), "sft.init_from": str(base),
@@ -84,10 +69,10 @@ def test_sft_tiny_job_is_valid_and_builtin_chats_are_arithmetic():
     from raysmol.post.chat import ChatError, read_conversations
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "jobs" / "sft_tiny.yaml")
-    assert cfg.sft.data == "builtin:arithmetic" and cfg.sft.init_from == "runs/tiny"
+    assert cfg.sft.data == "builtin:arithmetic-small" and cfg.sft.init_from == "runs/tiny"
     convs = read_conversations("builtin:arithmetic")
     assert len(convs) == 5000
     (_, first), = convs[:1]
     assert first[0]["role"] == "user" and first[1]["content"].endswith(".") and "The answer is" in first[1]["content"]
-    with pytest.raises(ChatError, match="valid: builtin:arithmetic"):
+    with pytest.raises(ChatError, match="valid: builtin:arithmetic, builtin:arithmetic-small"):
         read_conversations("builtin:poetry")

@@ -7,7 +7,7 @@ batch, so an elastic restart changes only the order of the gradient reduction.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -23,12 +23,16 @@ class Batch:
     position_ids: torch.Tensor  # [m, L]
     sources: np.ndarray  # [m] source index of each row
     epochs: np.ndarray  # [m] epoch of each row's source stream
+    # Per-row tensors an objective needs besides tokens (DPO: reference log-probs; GRPO: advantages, sampling
+    # log-probs); they travel to the device with the rest.
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def to(self, device: torch.device | str) -> "Batch":
         nb = torch.device(device).type == "cuda"
         # Only a copy from pinned host memory is asynchronous: from pageable memory non_blocking still waits.
         move = lambda t: (t.pin_memory() if nb else t).to(device, non_blocking=nb)  # noqa: E731
-        return Batch(move(self.input_ids), move(self.labels), move(self.position_ids), self.sources, self.epochs)
+        return Batch(move(self.input_ids), move(self.labels), move(self.position_ids), self.sources, self.epochs,
+                     {k: move(v) for k, v in self.extras.items()})
 
 
 class Batches:

@@ -60,17 +60,7 @@ class PreparedSource:
 # ---------------------------------------------------------------- locating files
 
 
-def _hf_filesystem() -> pafs.FileSystem:
-    # Real clusters read the hub's datasets (hf://datasets/<repo>/<path>) through huggingface_hub's fsspec
-    # implementation, wrapped so the rest of this module sees one pyarrow filesystem API.
-    from huggingface_hub import HfFileSystem
-
-    return pafs.PyFileSystem(pafs.FSSpecHandler(HfFileSystem()))
-
-
 def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    if uri.startswith("hf://"):
-        return _hf_filesystem(), uri[len("hf://"):]
     return storage.filesystem(uri)
 
 

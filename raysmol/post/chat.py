@@ -25,7 +25,7 @@ import torch
 
 from raysmol.data.batches import Batch, Batches
 
-IGNORE = -100  # F.cross_entropy's ignore_index: positions that carry no loss
+from raysmol.train.objectives import IGNORE  # noqa: E402  (positions that carry no loss)
 
 DEFAULT_TEMPLATE = (
     "{% for m in messages %}"
@@ -122,6 +122,11 @@ def pack(examples: list[tuple[np.ndarray, np.ndarray]], seq_len: int, pad_id: in
             r = len(rows) - 1
         rows[r].append(i)
         free[r] -= lengths[i]
+    return fill(examples, rows, seq_len, pad_id)
+
+
+def fill(examples: list[tuple[np.ndarray, np.ndarray]], rows: list[list[int]], seq_len: int, pad_id: int) -> Packed:
+    """Rows holding the given examples in order (`rows[r]`: indices into `examples`), truncated to `seq_len`."""
     ids = np.full((len(rows), seq_len), pad_id, dtype=np.int64)
     labels = np.full((len(rows), seq_len), IGNORE, dtype=np.int64)
     pos = np.zeros((len(rows), seq_len), dtype=np.int64)
@@ -129,7 +134,7 @@ def pack(examples: list[tuple[np.ndarray, np.ndarray]], seq_len: int, pad_id: in
         at = 0
         for i in members:
             tok, mask = examples[i]
-            n = lengths[i]
+            n = min(len(tok), seq_len)
             ids[r, at:at + n] = tok[:n]
             target = np.where(mask[1:n], tok[1:n], IGNORE)  # token j predicts token j+1 when that is assistant's
             labels[r, at:at + n - 1] = target
@@ -140,13 +145,18 @@ def pack(examples: list[tuple[np.ndarray, np.ndarray]], seq_len: int, pad_id: in
 
 
 class ChatBatches(Batches):
-    """Global batches of packed chat rows with the pretraining layout (`Batches.micro_batches`): sample g is
-    row order_e[g mod n] of epoch e = g // n, each epoch a seeded permutation, the same at any world size."""
+    """Global batches of packed rows with the pretraining layout (`Batches.micro_batches`): sample g is item
+    order_e[g mod n] of epoch e = g // n, each epoch a seeded permutation, the same at any world size.
 
-    def __init__(self, packed: Packed, samples_per_step: int, seed: int):
-        self.packed, self.samples_per_step, self.seed = packed, samples_per_step, seed
-        self.rows = len(packed.input_ids)
+    An item is `group` consecutive rows (1 for SFT; 2 for DPO: chosen then rejected), and `extras` holds per-row
+    arrays (DPO's reference log-probs) that travel with the rows in `Batch.extras`."""
+
+    def __init__(self, packed: Packed, samples_per_step: int, seed: int, group: int = 1,
+                 extras: dict[str, np.ndarray] | None = None, name: str = "sft"):
+        self.packed, self.samples_per_step, self.seed, self.group, self.name = packed, samples_per_step, seed, group, name
+        self.rows = len(packed.input_ids) // group
         self.seq_len = packed.input_ids.shape[1]
+        self.extras = extras or {}
         self._orders: dict[int, np.ndarray] = {}
 
     def _order(self, epoch: int) -> np.ndarray:
@@ -155,49 +165,70 @@ class ChatBatches(Batches):
         return self._orders[epoch]
 
     def samples(self, g: np.ndarray) -> Batch:
-        return self.packed.batch([self._order(int(x) // self.rows)[int(x) % self.rows] for x in np.asarray(g)])
+        items = [self._order(int(x) // self.rows)[int(x) % self.rows] for x in np.asarray(g)]
+        rows = [i * self.group + k for i in items for k in range(self.group)]
+        b = self.packed.batch(rows)
+        b.extras = {k: torch.from_numpy(v[rows]) for k, v in self.extras.items()}
+        return b
 
     def epochs(self, step: int) -> dict[str, float]:
-        return {"sft": (step + 1) * self.samples_per_step / self.rows}
+        return {self.name: (step + 1) * self.samples_per_step / self.rows}
 
 
 def read_conversations(uri: str, key: str = "messages") -> list[tuple[str, list[dict]]]:
-    """(where, messages) per row of a jsonl or parquet file (local or object storage); bad rows name file and line."""
+    """(where, messages) per row of a jsonl or parquet file (local, s3://, hf://); bad rows name file and line."""
     from raysmol import storage
 
     if uri.startswith("builtin:"):
         return builtin_conversations(uri)
-    if uri.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        fs, path = storage.filesystem(uri)
-        table = pq.read_table(path, filesystem=fs)
-        if key not in table.column_names:
-            raise ChatError(f"{uri}: no column {key!r} (columns: {', '.join(table.column_names)})")
-        return [(f"{uri} row {i}", m) for i, m in enumerate(table.column(key).to_pylist())]
     out = []
-    for i, row in storage.jsonl_objects(uri, ChatError):
+    for where, row in storage.records(uri, ChatError):
         if key not in row:
-            raise ChatError(f"{uri}:{i}: expected an object with a {key!r} list of messages")
-        out.append((f"{uri}:{i}", row[key]))
+            raise ChatError(f"{where}: expected a {key!r} list of messages (keys: {', '.join(row) or 'none'})")
+        out.append((where, row[key]))
     if not out:
         raise ChatError(f"{uri}: no conversations")
     return out
 
 
+BUILTIN = ("builtin:arithmetic", "builtin:arithmetic-small")
+
+
 def builtin_conversations(spec: str, n: int = 5000, seed: int = 1) -> list[tuple[str, list[dict]]]:
-    """`builtin:arithmetic`: the embedded corpus's word problems as conversations (question -> worked solution),
-    with another seed than the pretraining corpus, so the answers are new to the model."""
+    """Generated word problems as conversations (question -> worked solution), with another seed than the
+    pretraining corpus, so the answers are new to the model. `builtin:arithmetic`: the embedded corpus's problems
+    (one or two steps, numbers up to a few hundred); `builtin:arithmetic-small`: one addition or subtraction of
+    numbers up to 20, which a tiny model can learn on a CPU (the GRPO demo's task)."""
     from raysmol.data.corpus import generate_arithmetic
 
-    if spec != "builtin:arithmetic":
-        raise ChatError(f"sft.data: unknown built-in chat data {spec!r}; valid: builtin:arithmetic")
+    if spec not in BUILTIN:
+        raise ChatError(f"unknown built-in chat data {spec!r}; valid: {', '.join(BUILTIN)}")
+    docs = generate_arithmetic(n, seed) if spec == "builtin:arithmetic" else small_arithmetic(n, seed)
     out = []
-    for i, doc in enumerate(generate_arithmetic(n, seed)):
+    for i, doc in enumerate(docs):
         question, solution = doc.split("\nSolution: ", 1)
         out.append((f"{spec} #{i}", [{"role": "user", "content": question},
                                      {"role": "assistant", "content": solution}]))
     return out
+
+
+def small_arithmetic(n: int, seed: int):
+    """`n` one-step problems "question\nSolution: a + b = c. The answer is c."; seeded."""
+    import random
+
+    from raysmol.data.corpus import _ITEMS, _NAMES
+
+    r = random.Random(seed)
+    for _ in range(n):
+        name, item = r.choice(_NAMES), r.choice(_ITEMS)
+        a, b = r.randint(1, 20), r.randint(1, 20)
+        if r.random() < 0.5:
+            yield (f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?"
+                   f"\nSolution: {a} + {b} = {a + b}. The answer is {a + b}.")
+        else:
+            a, b = max(a, b), min(a, b)
+            yield (f"{name} has {a} {item} and gives {b} away. How many {item} are left?"
+                   f"\nSolution: {a} - {b} = {a - b}. The answer is {a - b}.")
 
 
 def prepare_chat(uri: str, tokenizer, seq_len: int, val_fraction: float, key: str = "messages") -> dict:

@@ -73,14 +73,19 @@ def pretrain(cfg: Config, *, show_progress: bool = True,
     from ray.train.torch import TorchConfig, TorchTrainer
 
     init_ray()
-    base = _sft_base(cfg) if cfg.sft.data else None
+    mode = cfg.post_training()
+    base = _post_base(cfg, mode) if mode else None
     tok = tokenizer_for(cfg)
     if tok.vocab_size > cfg.vocab_size():
         raise ConfigError(f"{cfg.origin}: model.vocab_size={cfg.vocab_size()} is smaller than the tokenizer "
                           f"{cfg.tokenizer.name!r} ({tok.vocab_size} tokens)")
-    tok_dir, chat, sources = tok.hf_dir, None, []
-    if base is not None:
-        tok_dir, chat = _sft_data(cfg, tok)
+    tok_dir, post, rollouts, sources = tok.hf_dir, None, None, []
+    if mode in ("sft", "dpo"):
+        tok_dir, post = _post_data(cfg, mode, tok, base)
+    elif mode == "grpo":
+        from raysmol.post.rollout import start_rollouts
+
+        tok_dir, rollouts = start_rollouts(cfg, base, tok.hf_dir)
     else:
         sources = prepare(cfg, tok, show_progress=show_progress)
     rd = run_dir(cfg)
@@ -98,7 +103,8 @@ def pretrain(cfg: Config, *, show_progress: bool = True,
         "val_dirs": [str(s.split_dir("val")) if s.manifest["splits"]["val"]["tokens"] else None for s in sources],
         "eos_id": tok.eos_id,
         "eval_suite": _training_suite(cfg, tok),
-        "sft": chat,
+        "post": post,
+        "rollouts": rollouts,
         "init_from": str(base) if base is not None else None,
         "progress": progress,
         "run_dir": rd,
@@ -117,27 +123,36 @@ def pretrain(cfg: Config, *, show_progress: bool = True,
     )
     metrics = MetricsFile(storage.join(rd, "metrics.jsonl"))
     started = time.time()
-    result = _fit_with_progress(trainer, progress, metrics, t.steps, show_progress, on_rows)
+    try:
+        result = _fit_with_progress(trainer, progress, metrics, t.steps, show_progress, on_rows, mode or "pretrain")
+    finally:
+        if rollouts is not None:
+            rollouts.shutdown()
     wall = time.time() - started
 
     for f in sorted(Path(tok_dir).iterdir()):  # tokenizer files beside the weights rank 0 exported
         if f.is_file() and not f.name.startswith("_"):
             storage.write_bytes(storage.join(rd, "hf", f.name), f.read_bytes())
     summary = _summary(cfg, metrics.rows, wall, result, rd, sources)
-    if chat is not None:
-        summary["sft"] = {"data": cfg.sft.data, "init_from": str(base), **chat["stats"]}
+    if post is not None:
+        summary[mode] = {"data": getattr(cfg, mode).data, "init_from": str(base), **post["stats"]}
+    if rollouts is not None:
+        from raysmol.post.rollout import grpo_summary
+
+        summary["grpo"] = grpo_summary(cfg, base, metrics.rows, rollouts)
     storage.write_text(storage.join(rd, "summary.json"), json.dumps(summary, indent=1))
     ledger.record_run(rd, cfg, wall, metrics.rows, started, summary["recovery"])
     _plot(metrics.rows, rd)
     return summary
 
 
-def _sft_base(cfg: Config) -> Path:
-    """The base model's folder; its tokenizer becomes the run's, and its shape must be the config's."""
+def _post_base(cfg: Config, mode: str) -> Path:
+    """The starting model's folder; its tokenizer becomes the run's, and its shape must be the config's."""
     from raysmol.eval.cf import resolve_checkpoint
     from raysmol.model import hf_config
 
-    base = resolve_checkpoint(cfg.sft.init_from)
+    key = f"{mode}.init_from"
+    base = resolve_checkpoint(getattr(cfg, mode).init_from)
     cfg.tokenizer.name = str(base)
     have = json.loads((base / "config.json").read_text())
     want = hf_config(cfg, have.get("eos_token_id") or 0).to_dict()
@@ -145,25 +160,60 @@ def _sft_base(cfg: Config) -> Path:
             "num_key_value_heads", "vocab_size", "tie_word_embeddings")
     diff = [f"{k}: config {want.get(k)!r} vs model {have.get(k)!r}" for k in keys if want.get(k) != have.get(k)]
     if diff:
-        raise ConfigError(f"{cfg.origin}: sft.init_from={cfg.sft.init_from!r} does not have the config's model "
+        raise ConfigError(f"{cfg.origin}: {key}={getattr(cfg, mode).init_from!r} does not have the config's model "
                           f"shape ({'; '.join(diff)}); set the model section to the base model's")
     return base
 
 
-def _sft_data(cfg: Config, tok) -> tuple[Path, dict]:
-    """Chat template on the tokenizer (exported with the model), then the packed conversations."""
+def chat_tokenizer(tok_dir: str):
+    """The tokenizer with a chat template (raysmol's default where it has none) and a folder holding it, which is
+    exported with the model."""
     import tempfile
 
     from transformers import AutoTokenizer
 
-    from raysmol.post.chat import ensure_template, prepare_chat
+    from raysmol.post.chat import ensure_template
 
-    hf_tok = AutoTokenizer.from_pretrained(tok.hf_dir)
+    hf_tok = AutoTokenizer.from_pretrained(tok_dir)
     ensure_template(hf_tok)
-    tok_dir = Path(tempfile.mkdtemp(prefix="raysmol-chat-tok-"))
-    hf_tok.save_pretrained(tok_dir)
-    s = cfg.sft
-    return tok_dir, prepare_chat(s.data, hf_tok, cfg.train.seq_len, s.val_fraction, s.messages_key)
+    out = Path(tempfile.mkdtemp(prefix="raysmol-chat-tok-"))
+    hf_tok.save_pretrained(out)
+    return hf_tok, out
+
+
+def _post_data(cfg: Config, mode: str, tok, base: Path) -> tuple[Path, dict]:
+    """SFT: packed conversations. DPO: chosen/rejected rows and the frozen reference's log-probs of them."""
+    from raysmol.post.chat import prepare_chat
+    from raysmol.post.preference import prepare_pairs
+
+    hf_tok, tok_dir = chat_tokenizer(tok.hf_dir)
+    if mode == "sft":
+        s = cfg.sft
+        data = prepare_chat(s.data, hf_tok, cfg.train.seq_len, s.val_fraction, s.messages_key)
+        return tok_dir, {"mode": mode, "group": 1, **data, "extras": {"train": {}, "val": {}}}
+    data = prepare_pairs(cfg.dpo.data, hf_tok, cfg.train.seq_len, cfg.dpo.val_fraction)
+    t = time.perf_counter()
+    gpu = {"num_gpus": 1} if cfg.train.use_gpu else {}
+    refs = {k: _reference_logps.options(**gpu).remote(str(base), data[k], max(64, cfg.train.micro_batch_size * 2))
+            for k in ("train", "val") if data[k] is not None}
+    logps = {k: ray.get(r) for k, r in refs.items()}
+    data["stats"]["reference_s"] = time.perf_counter() - t
+    return tok_dir, {"mode": mode, "group": 2, **data,
+                     "extras": {k: {"ref_logps": logps[k]} if k in logps else {} for k in ("train", "val")}}
+
+
+@ray.remote(num_cpus=1)
+def _reference_logps(model_dir: str, packed, micro_batch: int):
+    """The frozen reference's log-probs of every row, computed once before training (in a task: on a GPU where
+    training has them, and no reference model is kept in the training workers)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from raysmol.post.preference import reference_logps
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
+    return reference_logps(model, packed, micro_batch, device)
 
 
 def _workers(t) -> int | tuple[int, int]:
@@ -178,7 +228,8 @@ def tokenizer_for(cfg: Config):
     return resolve_tokenizer(cfg.tokenizer.name, cache, builtin_vocab_size=cfg.tokenizer.vocab_size)
 
 
-def _fit_with_progress(trainer, progress, metrics: MetricsFile, total: int, show: bool, on_rows=None):
+def _fit_with_progress(trainer, progress, metrics: MetricsFile, total: int, show: bool, on_rows=None,
+                       desc: str = "pretrain"):
     from tqdm import tqdm
 
     box: dict[str, Any] = {}
@@ -191,7 +242,7 @@ def _fit_with_progress(trainer, progress, metrics: MetricsFile, total: int, show
 
     th = threading.Thread(target=fit, daemon=True)
     th.start()
-    bar = tqdm(total=total, desc="pretrain", unit="step", disable=not show, dynamic_ncols=True)
+    bar = tqdm(total=total, desc=desc, unit="step", disable=not show, dynamic_ncols=True)
     seen = 0  # index into this run's Progress actor (metrics.rows may hold an earlier attempt's rows)
     last_flush = 0.0
     pending: list[dict[str, Any]] = []

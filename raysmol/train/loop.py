@@ -23,7 +23,7 @@ from raysmol.post.chat import ChatBatches
 from raysmol.train import checkpoint as ckpt
 from raysmol.train.faults import Drills
 from raysmol.train.guard import DataPlan, GuardedAdamW, GuardError, Sentry, SpikeGuard
-from raysmol.train.objectives import OBJECTIVES, Objective, to_device
+from raysmol.train.objectives import Objective, make_objective, to_device
 from raysmol.train.schedule import lr_multiplier
 
 # Dense bf16 peak FLOP/s per GPU, for MFU when train.peak_flops is not set.
@@ -90,10 +90,14 @@ def train_func(loop_config: dict[str, Any]) -> None:
     suite = loop_config.get("eval_suite")
     drills = Drills(cfg.faults, run_dir, rank, progress)
     weights = [s.weight for s in cfg.data.sources]
-    chat = loop_config.get("sft")
-    if chat is not None:  # supervised fine-tuning: packed conversations instead of the pretraining mixture
-        batches = ChatBatches(chat["train"], t.samples_per_step(), cfg.data.seed)
-        val = ChatBatches(chat["val"], t.samples_per_step(), cfg.data.seed + 1) if chat["val"] else None
+    post, rollouts = loop_config.get("post"), loop_config.get("rollouts")
+    if post is not None:  # SFT or DPO: fixed rows (packed conversations, or chosen/rejected pairs)
+        batches = ChatBatches(post["train"], t.samples_per_step(), cfg.data.seed, post["group"],
+                              post["extras"]["train"], post["mode"])
+        val = (ChatBatches(post["val"], t.samples_per_step(), cfg.data.seed + 1, post["group"], post["extras"]["val"],
+                           post["mode"]) if post["val"] else None)
+    elif rollouts is not None:  # GRPO: each step's rows are sampled by the engines from the policy being trained
+        batches, val = rollouts.attach(rank, world, device), None
     else:
         batches = Batches([TokenStream(d, cfg.data.seed) for d in loop_config["train_dirs"]], weights,
                           cfg.data.seed, t.seq_len, t.samples_per_step(), cfg.data.intra_doc_masking)
@@ -118,7 +122,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
                                            config=deepspeed_config(cfg, world, universal))
     sentry = Sentry(engine, SpikeGuard(g.window, g.min_steps, g.loss_zscore, g.grad_norm_factor), g.action)
     optimizer.veto = sentry.veto
-    objective = OBJECTIVES["causal_lm"]
+    objective = make_objective(cfg)
     tpf, peak = flops_per_token(cfg), t.peak_flops or (_gpu_peak() if t.use_gpu else None)
     names = [s.name for s in cfg.data.sources]
 
@@ -126,45 +130,58 @@ def train_func(loop_config: dict[str, Any]) -> None:
     resume_dir.cleanup()
     _log(progress, rank, {"event": "start", "step": step, "world_size": world, "resumed_from": resumed_from["checkpoint"],
                           "rejected": resumed_from["rejected"]})
+    if rollouts is not None:  # the engines serve the weights being trained (after a restart: the resumed ones)
+        rollouts.sync(engine, model, step)
     if step == 0:
-        _log(progress, rank, {"step": 0, "tokens": 0, "val_loss": evaluate(engine, val, cfg, rank, world, device),
-                              **(suite.scores(engine.module) if suite is not None else {})})
-    since, losses, n_steps, first = time.perf_counter(), [], 0, True  # the logging interval: no host sync inside
+        _log(progress, rank, {"step": 0, "tokens": 0, **validate(engine, val, objective, cfg, rank, world, device),
+                              **(suite.scores(engine.module) if suite is not None else {}),
+                              **(rollouts.evaluate() if rollouts is not None else {})})
+    # The logging interval: no host sync inside.
+    since, losses, extras, n_steps, first = time.perf_counter(), [], [], 0, True
     while step < t.steps:
         mult = drills.loss_multiplier(step + 1)
         mbs = batches.micro_batches(plan.data_step(step), rank, world, t.micro_batch_size)
-        losses += train_step(engine, objective, mbs, device, sentry, step + 1, mult)
+        losses += train_step(engine, objective, mbs, device, sentry, step + 1, mult, extras)
         verdict = sentry.after_update()
+        if rollouts is not None:
+            rollouts.sync(engine, model, step + 1)
         drills.after_step(step + 1)
         if verdict:
             _log(progress, rank, {"step": step + 1, "event": "spike", "action": g.action, **verdict})
             if g.action == "rollback":
                 step = _rollback(engine, run_dir, plan, step, g, rank, progress)
-                since, losses, n_steps = time.perf_counter(), [], 0
+                since, losses, extras, n_steps = time.perf_counter(), [], [], 0
+                if rollouts is not None:
+                    rollouts.sync(engine, model, step)
                 continue
         step, n_steps = step + 1, n_steps + 1
         tokens = step * t.global_batch_tokens
         eval_due = (t.eval_every and step % t.eval_every == 0) or step == t.steps
         if step % t.log_every == 0 or eval_due or first:
             loss_mean = _mean_across_ranks(torch.stack(losses).mean())  # syncs: the point of logging
+            objective_metrics = {k: _mean_across_ranks(torch.stack([e[k] for e in extras]).mean())
+                                 for k in (extras[0] if extras else ())}
             elapsed = time.perf_counter() - since
             tps = n_steps * t.global_batch_tokens / elapsed
             metrics = {"step": step, "tokens": tokens, "loss": loss_mean, "grad_norm": _grad_norm(engine),
                        "lr": engine.get_lr()[0], "step_time": elapsed / n_steps, "tokens_per_s": tps,
                        "tokens_per_s_per_worker": tps / world, "mfu": tps * tpf / (peak * world) if peak else None,
-                       "epochs": (batches.epochs(plan.data_step(step - 1)) if chat is not None
-                                  else _epochs(batches, plan.data_step(step - 1), names))}
+                       "epochs": (_epochs(batches, plan.data_step(step - 1), names) if type(batches) is Batches
+                                  else batches.epochs(plan.data_step(step - 1))), **objective_metrics}
             if eval_due:
-                metrics["val_loss"] = evaluate(engine, val, cfg, rank, world, device)
+                metrics.update(validate(engine, val, objective, cfg, rank, world, device))
                 if suite is not None:  # every rank scores (ZeRO-3 forwards are collective); rank 0 logs
                     metrics.update(suite.scores(engine.module))
+                if rollouts is not None:
+                    metrics.update(rollouts.evaluate())
             _log(progress, rank, metrics)
-            since, losses, n_steps, first = time.perf_counter(), [], 0, False
+            since, losses, extras, n_steps, first = time.perf_counter(), [], [], 0, False
         drills.pause(step)
         if step % t.checkpoint_every == 0 or step == t.steps:
             _save_and_report(engine, cfg, {"step": step, "tokens": tokens}, plan, rank, world, drills)
             since, n_steps = time.perf_counter(), 0  # checkpoint time is not step time
             losses.clear()
+            extras.clear()
 
     sd = ckpt.full_state_dict(engine)
     if rank == 0:
@@ -173,15 +190,18 @@ def train_func(loop_config: dict[str, Any]) -> None:
 
 
 def train_step(engine, objective: Objective, mbs: list, device, sentry: Sentry, step: int,
-               mult: float | None = None) -> list[torch.Tensor]:
-    """One optimizer step over this rank's micro-batches; returns their losses (on the device).
+               mult: float | None = None, extras: list | None = None) -> list[torch.Tensor]:
+    """One optimizer step over this rank's micro-batches; returns their losses (on the device) and appends the
+    objective's own metrics (DPO's reward margin, GRPO's reward; device tensors) to `extras`.
 
     Nothing here waits on the GPU except the guard's one loss all-reduce per step (by design: every step is
     judged) and what DeepSpeed's step needs for clipping; the logging syncs happen in the caller, every log_every.
     """
     losses = []
     for i, mb in enumerate(mbs):
-        loss, _ = objective(engine, to_device(mb, device, engine))
+        loss, metrics = objective(engine, to_device(mb, device, engine))
+        if extras is not None and metrics:
+            extras.append(metrics)
         loss = loss * mult if mult is not None else loss
         engine.backward(loss)
         losses.append(loss.detach())
@@ -293,23 +313,27 @@ def _val_batches(cfg: Config, val_dirs: list[str | None], weights: list[float]) 
 
 
 @torch.no_grad()
-def evaluate(engine, val: Batches | None, cfg: Config, rank: int, world: int, device) -> float | None:
-    """Mean loss over the same eval_batches x samples_per_step held-out samples at any world size."""
+def validate(engine, val: Batches | None, objective: Objective, cfg: Config, rank: int, world: int,
+             device) -> dict[str, float]:
+    """The objective's mean loss (`val_loss`) and metrics (`val_<name>`) over the same eval_batches x
+    samples_per_step held-out samples at any world size; {} without held-out data."""
     if val is None:
-        return None
+        return {}
     n = cfg.train.eval_batches * cfg.train.samples_per_step()
     mine = np.arange(rank, n, world)
-    total = torch.zeros(2, dtype=torch.float64, device=device)
+    sums: dict[str, torch.Tensor] = {}
     engine.eval()
     for chunk in np.array_split(mine, max(1, math.ceil(len(mine) / cfg.train.micro_batch_size))):
         if len(chunk) == 0:
             continue
-        b = to_device(val.samples(chunk), device, engine)
-        loss, _ = OBJECTIVES["causal_lm"](engine, b)
-        total += torch.stack([loss.double() * len(chunk), torch.tensor(float(len(chunk)), dtype=torch.float64, device=device)])
+        loss, metrics = objective(engine, to_device(val.samples(chunk), device, engine))
+        for k, v in {"val_loss": loss, **{f"val_{k}": v for k, v in metrics.items()}}.items():
+            sums[k] = sums.get(k, 0) + v.double() * len(chunk)
     engine.train()
+    # Every rank has samples (n >= world), so every rank holds the same keys in the same order.
+    total = torch.stack([*sums.values(), torch.tensor(float(len(mine)), dtype=torch.float64, device=device)])
     dist.all_reduce(total)
-    return float(total[0] / total[1])
+    return {k: float(v / total[-1]) for k, v in zip(sums, total)}
 
 
 def _mean_across_ranks(x: torch.Tensor) -> float:
