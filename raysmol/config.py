@@ -145,10 +145,12 @@ class GRPOConfig:
     cpus_per_engine: float = 1.0
     rollout_timeout_s: float = 300.0
     sync_timeout_s: float = 300.0
-    # Held-out prompts scored greedily (exact match through the reward) at every validation.
+    # Prompts held out (the first of a seeded permutation) and scored greedily through the reward at every
+    # validation: `eval/accuracy` (exact match with reward: exact).
     eval_prompts: int = 200
-    # Prompts to hold out before training draws any (the first eval_prompts of a seeded permutation).
-    val_fraction: float = 0.05
+    # After every weight sync, check that the engines report the new version and that their greedy completions
+    # equal the trained weights' own (slow: a debugging and test aid).
+    verify_sync: bool = False
 
 
 @dataclass
@@ -254,6 +256,8 @@ class FaultsConfig:
     # Every rank sleeps this long after this step (once): a window to kill a worker from outside in a rehearsal.
     pause_at_step: int | None = None
     pause_seconds: float = 30.0
+    # GRPO: kill engine actor 0 just before this step's rollout (once); the rollout must go on on its replacement.
+    kill_engine_at_step: int | None = None
 
 
 POST_TRAINING = ("sft", "dpo", "grpo")
@@ -501,7 +505,8 @@ def validate(cfg: Config) -> None:
         s = getattr(cfg, m)
         need(s.init_from is not None, f"{m}.init_from", f"{m} starts from a model: set it to a Hugging Face folder "
              "or a run directory")
-        need(0 <= s.val_fraction < 1, f"{m}.val_fraction", f"must be in [0, 1), got {s.val_fraction}")
+        vf = getattr(s, "val_fraction", 0)
+        need(0 <= vf < 1, f"{m}.val_fraction", f"must be in [0, 1), got {vf}")
     need(cfg.dpo.beta > 0, "dpo.beta", f"must be positive, got {cfg.dpo.beta}")
     r = cfg.grpo
     if r.data is not None:
@@ -531,7 +536,7 @@ def validate(cfg: Config) -> None:
     f = cfg.faults
     need(0 <= f.crash_rank < t.num_workers, "faults.crash_rank", f"must be a rank in [0, {t.num_workers}), got {f.crash_rank}")
     for key in ("crash_at_step", "crash_after_report_at_step", "kill_during_save_at_step", "spike_at_step", "nan_at_step",
-                "pause_at_step"):
+                "pause_at_step", "kill_engine_at_step"):
         v = getattr(f, key)
         need(v is None or 1 <= v <= t.steps, f"faults.{key}", f"must be a step in [1, train.steps={t.steps}], got {v}")
     for key in ("crash_after_report_at_step", "kill_during_save_at_step"):

@@ -8,6 +8,7 @@ raises EngineTimeout. An actor that died (node lost, OOM) is replaced the same w
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any
 
@@ -33,16 +34,30 @@ class EngineActor:
 
             torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        self.engine = make_engine(kind, model_path, version, options)
+        self.engine = make_engine(kind, _local(model_path), version, options)
 
     def generate(self, prompts: list[str], sampling: Sampling) -> list[list[Sample]]:
         return self.engine.generate(prompts, sampling)
 
     def load(self, path: str, version: int) -> int:
-        return self.engine.load(path, version)
+        return self.engine.load(_local(path), version)
 
     def version(self) -> int:
         return self.engine.version
+
+
+def _local(path: str) -> str:
+    """A model folder on object storage (a trainer on another node wrote it) copied to this node first."""
+    from raysmol import storage
+
+    if not storage.is_remote(path):
+        return path
+    import hashlib
+    import tempfile
+
+    local = os.path.join(tempfile.gettempdir(), "raysmol-engine-weights", hashlib.sha256(path.encode()).hexdigest()[:16])
+    storage.download_dir(path, local)
+    return local
 
 
 class EnginePool:

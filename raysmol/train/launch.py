@@ -139,7 +139,7 @@ def pretrain(cfg: Config, *, show_progress: bool = True,
     if rollouts is not None:
         from raysmol.post.rollout import grpo_summary
 
-        summary["grpo"] = grpo_summary(cfg, base, metrics.rows, rollouts)
+        summary["grpo"] = {"data": cfg.grpo.data, "init_from": str(base), **grpo_summary(metrics.rows, rollouts)}
     storage.write_text(storage.join(rd, "summary.json"), json.dumps(summary, indent=1))
     ledger.record_run(rd, cfg, wall, metrics.rows, started, summary["recovery"])
     _plot(metrics.rows, rd)

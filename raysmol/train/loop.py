@@ -167,7 +167,8 @@ def train_func(loop_config: dict[str, Any]) -> None:
                        "lr": engine.get_lr()[0], "step_time": elapsed / n_steps, "tokens_per_s": tps,
                        "tokens_per_s_per_worker": tps / world, "mfu": tps * tpf / (peak * world) if peak else None,
                        "epochs": (_epochs(batches, plan.data_step(step - 1), names) if type(batches) is Batches
-                                  else batches.epochs(plan.data_step(step - 1))), **objective_metrics}
+                                  else batches.epochs(plan.data_step(step - 1))), **objective_metrics,
+                       **(rollouts.report() if rollouts is not None else {})}
             if eval_due:
                 metrics.update(validate(engine, val, objective, cfg, rank, world, device))
                 if suite is not None:  # every rank scores (ZeRO-3 forwards are collective); rank 0 logs

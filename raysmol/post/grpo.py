@@ -1,0 +1,138 @@
+"""GRPO's pieces that need no cluster: prompts, rewards, group-normalised advantages and training rows.
+
+The Ray side (engine actors, reward tasks, weight sync) is raysmol/post/rollout.py; the objective (clipped
+surrogate, optional KL) is `raysmol.train.objectives.grpo`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from typing import Callable
+
+import numpy as np
+
+from raysmol.post.chat import ChatError, Packed, builtin_conversations, fill
+
+REWARDS = ("exact", "math", "code")
+EPS = 1e-4  # keeps the advantages finite when a group's rewards are all equal (they are then all 0)
+
+
+def read_prompts(uri: str) -> list[dict]:
+    """Rows with `prompt` (text, or a list of messages ending with the user's) and what the reward checks
+    (`answer`; code: `test` and `entry_point`). Built-in: the arithmetic problems with their answers."""
+    from raysmol import storage
+
+    if uri.startswith("builtin:"):
+        # Another seed than the SFT and DPO data: the policy is rewarded on problems it was not shown solved.
+        return [{"prompt": convo[:-1], "answer": re.search(r"The answer is (-?\d+)", convo[-1]["content"]).group(1),
+                 "where": where} for where, convo in builtin_conversations(uri, 5000, seed=3)]
+    rows = []
+    for where, row in storage.records(uri, ChatError):
+        if "prompt" not in row:
+            raise ChatError(f"{where}: a GRPO prompt row needs 'prompt' (keys: {', '.join(row) or 'none'})")
+        rows.append({**row, "where": where})
+    if not rows:
+        raise ChatError(f"{uri}: no prompts")
+    return rows
+
+
+def prompt_messages(row: dict) -> list[dict]:
+    p = row["prompt"]
+    messages = [{"role": "user", "content": p}] if isinstance(p, str) else p
+    if not isinstance(messages, list) or not messages or messages[-1].get("role") != "user":
+        raise ChatError(f"{row.get('where', 'prompt')}: 'prompt' must be text or messages ending with the user's")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") or \
+                not isinstance(m.get("content"), str):
+            raise ChatError(f"{row.get('where', 'prompt')}: prompt message {i} must be {{'role', 'content'}}")
+    return messages
+
+
+def render_prompt(tokenizer, row: dict) -> str:
+    """The prompt as the policy sees it: its chat template up to the assistant header."""
+    return tokenizer.apply_chat_template(prompt_messages(row), tokenize=False, add_generation_prompt=True)
+
+
+# ---------------------------------------------------------------- rewards
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def exact_reward(completion: str, row: dict) -> float:
+    """1 when the completion's last number equals the answer exactly (as a number: 7 == 7.0, 1,000 == 1000)."""
+    found = _NUMBER.findall(completion)
+    if not found:
+        return 0.0
+    try:
+        return float(float(found[-1].replace(",", "")) == float(str(row["answer"]).replace(",", "")))
+    except ValueError:
+        return 0.0
+
+
+def math_reward(completion: str, row: dict) -> float:
+    """GSM8K-style: the final answer (#### / \\boxed{} / last number) checked by math-verify."""
+    from raysmol.eval.freeform import gsm8k_correct
+
+    return float(gsm8k_correct(completion, str(row["answer"])))
+
+
+def code_reward(completions: list[str], row: dict) -> list[float]:
+    """1 per completion whose program (prompt + completion + test + check(entry_point)) exits 0 in the sandbox."""
+    from raysmol.eval.freeform import humaneval_program
+    from raysmol.eval.sandbox import Sandbox
+
+    prompt = row["prompt"] if isinstance(row["prompt"], str) else row["prompt"][-1]["content"]
+    problem = {"prompt": prompt, "test": row["test"], "entry_point": row["entry_point"]}
+    results = Sandbox().run_many([humaneval_program(problem, c) for c in completions], workers=2)
+    return [float(r.status == "ok") for r in results]
+
+
+def reward_function(spec: str) -> Callable[[list[str], dict], list[float]]:
+    """Scores a group: (completions, row) -> one reward per completion. `spec`: exact, math, code, or
+    "module:function" (a plain callable (completion, row) -> float, imported where the reward task runs)."""
+    if spec == "code":
+        return code_reward
+    if spec in ("exact", "math"):
+        one = exact_reward if spec == "exact" else math_reward
+    else:
+        module, _, name = spec.partition(":")
+        if not module or not name:
+            raise ChatError(f"grpo.reward={spec!r}: expected one of {', '.join(REWARDS)} or 'module:function'")
+        try:
+            one = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError) as e:
+            raise ChatError(f"grpo.reward={spec!r}: cannot import it ({e})") from e
+    return lambda completions, row: [float(one(c, row)) for c in completions]
+
+
+def group_advantages(rewards: np.ndarray) -> np.ndarray:
+    """GRPO's advantages: each completion's reward minus its group's mean, over the group's standard deviation
+    (Bessel-corrected, as TRL computes it) plus EPS. `rewards`: [groups, group_size]."""
+    r = np.asarray(rewards, dtype=np.float64)
+    return (r - r.mean(1, keepdims=True)) / (r.std(1, ddof=1, keepdims=True) + EPS)
+
+
+def completion_rows(prompt_ids: list[list[int]], completions: list[list[list[int]]], logprobs: list[list[list[float]]],
+                    seq_len: int, pad_id: int) -> tuple[Packed, np.ndarray]:
+    """One row per completion (group by group): prompt + completion tokens, labels on the completion only,
+    and the sampling log-probs aligned with the labels ([rows, seq_len], 0 where no label)."""
+    examples, lps = [], []
+    for p, group, group_lps in zip(prompt_ids, completions, logprobs):
+        if len(p) >= seq_len:
+            raise ChatError(f"a prompt of {len(p)} tokens leaves no room for a completion in train.seq_len={seq_len}")
+        for c, lp in zip(group, group_lps):
+            examples.append((np.asarray(p + c, dtype=np.int64), np.r_[np.zeros(len(p), bool), np.ones(len(c), bool)]))
+            lps.append((len(p), lp))
+    packed = fill(examples, [[i] for i in range(len(examples))], seq_len, pad_id)
+    old = np.zeros(packed.labels.shape, dtype=np.float32)
+    for r, (n_prompt, lp) in enumerate(lps):
+        kept = min(len(lp), seq_len - n_prompt)  # completion tokens that fit the row
+        old[r, n_prompt - 1:n_prompt - 1 + kept] = lp[:kept]  # position j predicts token j + 1
+    if not np.isfinite(old).all():
+        raise ChatError("an engine returned a non-finite log-probability for a sampled token")
+    return packed, old
+
+
+__all__ = ["REWARDS", "read_prompts", "prompt_messages", "render_prompt", "exact_reward", "math_reward",
+           "code_reward", "reward_function", "group_advantages", "completion_rows"]

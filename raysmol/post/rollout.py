@@ -1,0 +1,279 @@
+"""Ray glue for GRPO: engine actors sample, reward tasks score, the trainer's weights go back to the engines.
+
+Rank 0 of the training workers drives the engines: for step t it samples the step's prompts (n completions
+each, seeded by t), checks that every completion was made by the policy version it just pushed, scores each group
+in a Ray task, computes group-normalised advantages and broadcasts the rows; every rank trains on its share
+(whole groups). After the update all ranks gather the weights (collective under ZeRO-3), rank 0 writes them once
+and every engine loads them as version t + 1 before the next rollout. Every engine call and reward task has a
+timeout; a lost or stuck engine is replaced (serving the current weights) and the call is retried once.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+import torch.distributed as dist
+
+from raysmol import storage
+from raysmol.config import Config
+from raysmol.data.batches import Batch
+from raysmol.post.grpo import completion_rows, group_advantages, read_prompts, render_prompt, reward_function
+from raysmol.serve.engines import EngineError, Sampling
+from raysmol.serve.pool import EnginePool, EngineTimeout
+
+log = logging.getLogger(__name__)
+
+
+@ray.remote(num_cpus=1)
+def _score(spec: str, completions: list[str], row: dict) -> list[float]:
+    return reward_function(spec)(completions, row)
+
+
+class Rollouts:
+    """GRPO's data source for the training loop (`micro_batches`, `epochs`) plus the weight sync and the
+    held-out evaluation. Built on the driver; the training workers get a copy holding the same engine actors."""
+
+    def __init__(self, cfg: Config, pool: EnginePool, train: list[dict], held_out: list[dict], tok_dir: str,
+                 run_dir: str, base: str):
+        self.cfg, self.pool, self.train, self.held_out = cfg, pool, train, held_out
+        self.tok_dir, self.run_dir, self.base = tok_dir, run_dir, base
+        self.version = 0  # the policy version the engines serve (the training step whose weights they hold)
+        self.stats: dict[str, Any] = {}
+
+    def attach(self, rank: int, world: int, device) -> "Rollouts":
+        """In a training worker: the tokenizer, the prompts' token ids and (kl_beta > 0) the reference model."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.rank, self.world, self.device = rank, world, device
+        self.tokenizer = AutoTokenizer.from_pretrained(self.tok_dir)
+        self.ref = None
+        if self.cfg.grpo.kl_beta > 0:
+            self.ref = AutoModelForCausalLM.from_pretrained(self.base, dtype=torch.float32).to(device).eval()
+        self.samples_per_step = self.cfg.grpo.prompts_per_step
+        return self
+
+    # ------------------------------------------------------------ rollout
+
+    def _row(self, i: int) -> dict:
+        """Prompt i of the endless stream: epoch e = i // n is a seeded permutation of the training prompts."""
+        n = len(self.train)
+        order = np.random.default_rng([self.cfg.data.seed, i // n]).permutation(n)
+        return self.train[order[i % n]]
+
+    def micro_batches(self, step: int, rank: int, world: int, micro: int) -> list[Batch]:
+        g = self.cfg.grpo
+        box: list[Any] = [None]
+        if rank == 0:
+            box[0] = self._rollout([self._row(step * g.prompts_per_step + j) for j in range(g.prompts_per_step)], step)
+        dist.broadcast_object_list(box, src=0)
+        packed, old, adv, rewards = box[0]
+        per_rank = len(adv) // world  # whole groups: prompts_per_step % world == 0 (config validation)
+        mine = np.arange(rank * per_rank, (rank + 1) * per_rank)
+        out = []
+        for start in range(0, per_rank, micro):
+            rows = mine[start:start + micro]
+            b = packed.batch(rows)
+            b.extras = {"old_logps": torch.from_numpy(old[rows]), "advantages": torch.from_numpy(adv[rows]).float(),
+                        "rewards": torch.from_numpy(rewards[rows]).float()}
+            if self.ref is not None:
+                from raysmol.train.objectives import token_logps, to_device
+
+                with torch.no_grad():
+                    b.extras["ref_logps"] = token_logps(self.ref, to_device(b, self.device, self.ref))[0].cpu()
+            out.append(b)
+        return out
+
+    def _rollout(self, rows: list[dict], step: int):
+        g, t0 = self.cfg.grpo, time.perf_counter()
+        prompts = [render_prompt(self.tokenizer, r) for r in rows]
+        sampling = Sampling(n=g.group_size, temperature=g.temperature, top_p=g.top_p, max_tokens=g.max_new_tokens,
+                            seed=self.cfg.data.seed + step)
+        self._drill(step + 1)
+        samples = self._generate(prompts, sampling)
+        t1 = time.perf_counter()
+        rewards = np.asarray(self._rewards([[s.text for s in group] for group in samples], rows), dtype=np.float64)
+        prompt_ids = [self.tokenizer(p)["input_ids"] for p in prompts]
+        packed, old = completion_rows(prompt_ids, [[s.token_ids for s in grp] for grp in samples],
+                                      [[s.logprobs for s in grp] for grp in samples], self.cfg.train.seq_len,
+                                      self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
+                                      else self.tokenizer.eos_token_id)
+        adv = group_advantages(rewards).reshape(-1)
+        self.stats.update(rollout_s=t1 - t0, reward_s=time.perf_counter() - t1, engine_restarts=self.pool.restarts,
+                          groups_with_signal=float((rewards.std(1) > 0).mean()))
+        return packed, old, adv, rewards.reshape(-1)
+
+    def _drill(self, step: int) -> None:
+        """faults.kill_engine_at_step: a lost engine actor (node gone, OOM), once per run."""
+        marker = storage.join(self.run_dir, "faults", "kill_engine")
+        if self.cfg.faults.kill_engine_at_step == step and not storage.exists(marker):
+            storage.write_text(marker, str(step))
+            log.warning("fault drill: killing engine actor 0 before the rollout of step %d", step)
+            ray.kill(self.pool.actors[0], no_restart=True)
+
+    def _generate(self, prompts: list[str], sampling: Sampling):
+        for attempt in (1, 2):
+            try:
+                samples = self.pool.generate(prompts, sampling, timeout_s=self.cfg.grpo.rollout_timeout_s)
+            except (EngineTimeout, EngineError) as e:
+                if attempt == 2:
+                    raise
+                # The pool has replaced the engine with a fresh one serving the current weights: retry once.
+                log.warning("rollout failed, retrying on the replacement engine: %s", e)
+                continue
+            stale = {s.version for group in samples for s in group} - {self.version}
+            if stale:
+                raise EngineError(f"rollout for policy version {self.version} got completions of version(s) "
+                                  f"{sorted(stale)}: an engine missed a weight update")
+            return samples
+        raise AssertionError("unreachable")
+
+    def _rewards(self, texts: list[list[str]], rows: list[dict]) -> list[list[float]]:
+        refs = [_score.remote(self.cfg.grpo.reward, group, _plain(row)) for group, row in zip(texts, rows)]
+        ready, pending = ray.wait(refs, num_returns=len(refs), timeout=self.cfg.grpo.rollout_timeout_s)
+        if pending:
+            for r in pending:
+                ray.cancel(r, force=True)
+            raise TimeoutError(f"{len(pending)} of {len(refs)} reward tasks ran past grpo.rollout_timeout_s="
+                               f"{self.cfg.grpo.rollout_timeout_s}")
+        return ray.get(refs)
+
+    # ------------------------------------------------------------ weight sync
+
+    def sync(self, engine, model, step: int) -> None:
+        """Every engine serves the weights of `step` (collective: every rank calls it)."""
+        from raysmol.train import checkpoint as ckpt
+
+        sd = ckpt.full_state_dict(engine)
+        if self.rank == 0 and not (step == 0 and self.version == 0 and self.pool.version == 0):
+            t0 = time.perf_counter()
+            folder = self._write(model, sd, step)
+            try:
+                self.pool.load(folder, step, timeout_s=self.cfg.grpo.sync_timeout_s)
+            except (EngineTimeout, EngineError) as e:
+                log.warning("weight sync failed, retrying on the replacement engines: %s", e)
+                self.pool.load(folder, step, timeout_s=self.cfg.grpo.sync_timeout_s)
+            self.stats["sync_s"] = time.perf_counter() - t0
+            if self.cfg.grpo.verify_sync:
+                self.stats["sync_check"] = self._verify(model, sd, step)
+            self._forget_before(folder)
+        self.version = step
+        dist.barrier()
+
+    def _write(self, model, sd, step: int) -> str:
+        """The weights as a Hugging Face folder the engines can read: under the run directory (object storage or
+        a shared disk reach every node) with the tokenizer."""
+        from raysmol.train import checkpoint as ckpt
+
+        dest = storage.join(self.run_dir, "policy", f"v{step:08d}")
+        with tempfile.TemporaryDirectory(prefix="raysmol-policy-") as d:
+            ckpt.export_hf(model, sd, Path(d))
+            self.tokenizer.save_pretrained(d)
+            storage.upload_dir(d, dest)
+        return dest
+
+    def _forget_before(self, keep: str) -> None:
+        root = storage.join(self.run_dir, "policy")
+        for name in storage.listdir(root):
+            if storage.join(root, name) != keep:
+                storage.remove_tree(storage.join(root, name))
+
+    def _verify(self, model, sd, step: int) -> dict:
+        """The engines report `step` and their greedy completions equal the trained weights' own (transformers
+        generate on a CPU copy of the gathered state dict); a mismatch stops the run."""
+        from transformers import AutoModelForCausalLM
+
+        probe = [render_prompt(self.tokenizer, r) for r in self.held_out[:4] or self.train[:4]]
+        versions = self.pool.versions()
+        got = self.pool.generate(probe, Sampling(n=1, temperature=0, max_tokens=self.cfg.grpo.max_new_tokens))
+        local = AutoModelForCausalLM.from_config(model.config)
+        local.load_state_dict({k: v.float().cpu() for k, v in sd.items()}, strict=False)
+        local.tie_weights()
+        local.eval()
+        tok, want = self.tokenizer, []
+        for p in probe:
+            ids = tok(p, return_tensors="pt")["input_ids"]
+            with torch.no_grad():
+                out = local.generate(ids, do_sample=False, max_new_tokens=self.cfg.grpo.max_new_tokens,
+                                     eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
+            new = out[0, ids.shape[1]:].tolist()
+            want.append(new[:new.index(tok.eos_token_id) + 1] if tok.eos_token_id in new else new)
+        match = [g[0].token_ids == w for g, w in zip(got, want)]
+        check = {"version": step, "engine_versions": versions, "greedy_match": all(match)}
+        if versions != [step] * len(versions) or not all(match):
+            raise EngineError(f"weight sync check failed after step {step}: {check}")
+        return check
+
+    # ------------------------------------------------------------ evaluation, bookkeeping
+
+    def evaluate(self) -> dict[str, float]:
+        """Greedy completions of the held-out prompts scored by the reward (exact: exact-match accuracy)."""
+        if self.rank != 0 or not self.held_out:
+            return {}
+        prompts = [render_prompt(self.tokenizer, r) for r in self.held_out]
+        samples = self._generate(prompts, Sampling(n=1, temperature=0, max_tokens=self.cfg.grpo.max_new_tokens))
+        rewards = self._rewards([[s[0].text] for s in samples], self.held_out)
+        return {"eval/accuracy": float(np.mean([r[0] for r in rewards]))}
+
+    def report(self) -> dict[str, Any]:
+        """What rank 0 adds to a logged row: rollout and sync times, engine restarts, the last sync check."""
+        return dict(self.stats) if self.rank == 0 else {}
+
+    def epochs(self, step: int) -> dict[str, float]:
+        return {"grpo": (step + 1) * self.cfg.grpo.prompts_per_step / len(self.train)}
+
+    def shutdown(self) -> None:
+        self.pool.shutdown()
+
+
+def _plain(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k != "where"}
+
+
+def start_rollouts(cfg: Config, base: Path, tok_dir: str) -> tuple[Path, Rollouts]:
+    """On the driver: prompts (held-out ones first), the chat tokenizer, and the engine actors serving `base`."""
+    from raysmol.train.launch import chat_tokenizer, run_dir
+
+    g = cfg.grpo
+    reward_function(g.reward)  # a bad reward spec fails here, before any actor starts
+    hf_tok, chat_dir = chat_tokenizer(tok_dir)
+    rows = read_prompts(g.data)
+    order = np.random.default_rng(cfg.data.seed).permutation(len(rows))
+    n_eval = min(g.eval_prompts, len(rows) // 2)
+    held_out, train = [rows[i] for i in order[:n_eval]], [rows[i] for i in order[n_eval:]]
+    longest = max(len(hf_tok(render_prompt(hf_tok, r))["input_ids"]) for r in train + held_out)
+    if longest + g.max_new_tokens > cfg.train.seq_len:
+        from raysmol.config import ConfigError
+
+        raise ConfigError(f"{cfg.origin}: train.seq_len={cfg.train.seq_len} is shorter than the longest prompt "
+                          f"({longest} tokens) + grpo.max_new_tokens={g.max_new_tokens}")
+    # The engines start from the base weights with the chat template (tokenizer folder copied beside them).
+    start = Path(tempfile.mkdtemp(prefix="raysmol-grpo-base-"))
+    storage.download_dir(str(base), start)
+    hf_tok.save_pretrained(start)
+    gpu = cfg.train.use_gpu
+    pool = EnginePool(g.engine, str(start), num_engines=g.num_engines, version=0, timeout_s=g.rollout_timeout_s,
+                      load_timeout_s=g.sync_timeout_s, cpus_per_engine=g.cpus_per_engine,
+                      gpus_per_engine=g.gpus_per_engine if gpu else 0)
+    return chat_dir, Rollouts(cfg, pool, train, held_out, str(chat_dir), run_dir(cfg), str(base))
+
+
+def grpo_summary(rows: list[dict], rollouts: Rollouts) -> dict[str, Any]:
+    """Mean reward of the first and last logged steps, held-out accuracy before and after, engine restarts."""
+    train = [r for r in rows if "reward" in r]
+    acc = [r for r in rows if "eval/accuracy" in r]
+    k = max(1, min(5, len(train) // 4))
+    return {"prompts": len(rollouts.train), "held_out_prompts": len(rollouts.held_out),
+            "reward": {"first_steps": float(np.mean([r["reward"] for r in train[:k]])) if train else None,
+                       "last_steps": float(np.mean([r["reward"] for r in train[-k:]])) if train else None,
+                       "steps_averaged": k},
+            "held_out_accuracy": {"start": acc[0]["eval/accuracy"] if acc else None,
+                                  "end": acc[-1]["eval/accuracy"] if acc else None},
+            "engine_restarts": max([r.get("engine_restarts", 0) for r in rows] + [0]),
+            "sync_checks": sum(1 for r in rows if "sync_check" in r)}

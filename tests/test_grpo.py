@@ -1,0 +1,170 @@
+"""GRPO: advantages and the clipped objective against hand computations, rewards, training rows, and a run on
+the same loop whose engine actors follow every update (checked version and greedy tokens) and survive a loss."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+from conftest import small_config
+
+from raysmol.config import ConfigError
+from raysmol.post.chat import ChatError
+from raysmol.post.grpo import (completion_rows, exact_reward, group_advantages, math_reward, read_prompts,
+                               reward_function)
+from raysmol.train.launch import pretrain
+from raysmol.train.objectives import IGNORE, grpo
+
+
+def test_group_advantages_equal_a_hand_computation():
+    rewards = np.array([[1.0, 0.0, 0.0, 1.0], [0.2, 0.9, 0.4, 0.5], [1.0, 1.0, 1.0, 1.0]])
+    adv = group_advantages(rewards)
+    # Group 0: mean 0.5, sample std sqrt(4 * 0.25 / 3).
+    s0 = math.sqrt(1 / 3)
+    np.testing.assert_allclose(adv[0], [0.5 / (s0 + 1e-4), -0.5 / (s0 + 1e-4), -0.5 / (s0 + 1e-4), 0.5 / (s0 + 1e-4)])
+    m1 = 0.5
+    s1 = math.sqrt(((0.2 - m1) ** 2 + (0.9 - m1) ** 2 + (0.4 - m1) ** 2 + 0) / 3)
+    np.testing.assert_allclose(adv[1], [(r - m1) / (s1 + 1e-4) for r in (0.2, 0.9, 0.4, 0.5)])
+    np.testing.assert_array_equal(adv[2], 0)  # all equal: no signal, no NaN
+
+
+def test_grpo_objective_equals_a_hand_computation():
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=32))
+    prompt, completions = [3, 4, 5], [[7, 8, 2], [9, 2], [10, 11, 12, 2]]
+    true = []  # the current policy's log-probs of each completion token, each sequence alone
+    for c in completions:
+        seq = prompt + c
+        logits = model(torch.tensor([seq])).logits[0].double()
+        true.append([float(F.log_softmax(logits[j - 1], -1)[seq[j]]) for j in range(len(prompt), len(seq))])
+    # The sampler's log-probs: one token far off (its ratio gets clipped), the rest slightly off.
+    sampler = [[lp + d for lp, d in zip(t, ds)] for t, ds in zip(true, [[0.05, -0.4, 0.0], [0.1, 0.0], [0, 0, 0.3, 0]])]
+    packed, old = completion_rows([prompt], [completions], [sampler], seq_len=10, pad_id=0)
+    adv = np.array([1.5, -0.5, -1.0])
+    ref = [[lp - 0.2 for lp in t] for t in true]
+    ref_rows = np.zeros_like(old)
+    for r, lps in enumerate(ref):
+        ref_rows[r, len(prompt) - 1:len(prompt) - 1 + len(lps)] = lps
+    batch = packed.batch(np.arange(3))
+    batch.extras = {"old_logps": torch.from_numpy(old), "advantages": torch.tensor(adv, dtype=torch.float32),
+                    "rewards": torch.tensor([1.0, 0.0, 0.0]), "ref_logps": torch.from_numpy(ref_rows)}
+    clip, beta = 0.2, 0.05
+    loss, metrics = grpo(model, batch, clip, beta)
+    per_seq, clipped, tokens = [], 0, 0
+    for t, s, r, a in zip(true, sampler, ref, adv):
+        terms = []
+        for lp, o, rf in zip(t, s, r):
+            ratio = math.exp(lp - o)
+            clipped += abs(ratio - 1) > clip
+            tokens += 1
+            d = rf - lp
+            terms.append(-min(ratio * a, min(max(ratio, 1 - clip), 1 + clip) * a) + beta * (math.exp(d) - d - 1))
+        per_seq.append(sum(terms) / len(terms))
+    assert float(loss) == pytest.approx(sum(per_seq) / 3, rel=1e-4)
+    assert float(metrics["clip_fraction"]) == pytest.approx(clipped / tokens)
+    assert clipped >= 1  # the far-off token exercised the clip
+    assert float(metrics["reward"]) == pytest.approx(1 / 3)
+
+
+def test_completion_rows_put_labels_and_sampling_logprobs_on_the_completion():
+    packed, old = completion_rows([[1, 2, 3], [1, 2]], [[[4, 5, 9]], [[6, 9]]], [[[-0.1, -0.2, -0.3]], [[-0.4, -0.5]]],
+                                  seq_len=6, pad_id=0)
+    assert packed.input_ids.tolist() == [[1, 2, 3, 4, 5, 9], [1, 2, 6, 9, 0, 0]]
+    assert packed.labels.tolist() == [[IGNORE, IGNORE, 4, 5, 9, IGNORE], [IGNORE, 6, 9, IGNORE, IGNORE, IGNORE]]
+    np.testing.assert_allclose(old, [[0, 0, -0.1, -0.2, -0.3, 0], [0, -0.4, -0.5, 0, 0, 0]], rtol=1e-6)
+    with pytest.raises(ChatError, match="no room for a completion"):
+        completion_rows([[1] * 6], [[[2]]], [[[-1.0]]], seq_len=6, pad_id=0)
+
+
+def test_rewards():
+    row = {"answer": "17"}
+    assert exact_reward("12 + 5 = 17. The answer is 17.", row) == 1.0
+    assert exact_reward("The answer is 17.0", row) == 1.0
+    assert exact_reward("17 is close, the answer is 18.", row) == 0.0
+    assert exact_reward("no number", row) == 0.0
+    assert math_reward("so 1,000 + 7 #### 1007", {"answer": "1007"}) == 1.0
+    assert math_reward("#### 1008", {"answer": "1007"}) == 0.0
+    assert reward_function("tests.grpo_rewards:digits")(["a1", "bb"], {}) == [0.5, 0.0]
+    with pytest.raises(ChatError, match="expected one of exact, math, code or 'module:function'"):
+        reward_function("exactly")
+    with pytest.raises(ChatError, match="cannot import it"):
+        reward_function("no_such_module_xyz:f")
+
+
+def test_code_reward_runs_tests_in_the_sandbox():
+    from raysmol.eval.sandbox import SandboxUnavailable
+
+    row = {"prompt": "def add(a, b):\n", "test": "def check(f):\n    assert f(2, 3) == 5\n", "entry_point": "add"}
+    try:
+        got = reward_function("code")(["    return a + b\n", "    return a - b\n"], row)
+    except SandboxUnavailable as e:
+        pytest.skip(f"no sandbox here: {e}")
+    assert got == [1.0, 0.0]
+
+
+def test_builtin_prompts_have_answers_and_bad_rows_are_named(tmp_path):
+    rows = read_prompts("builtin:arithmetic-small")
+    assert len(rows) == 5000 and rows[0]["prompt"][0]["role"] == "user" and rows[0]["answer"].lstrip("-").isdigit()
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('{"prompt": "q", "answer": "1"}\n{"question": "q"}\n')
+    with pytest.raises(ChatError, match="p.jsonl:2: a GRPO prompt row needs 'prompt'"):
+        read_prompts(str(bad))
+
+
+def prompts_file(path: Path, n: int) -> Path:
+    path.write_text("".join(json.dumps({"prompt": f"What is {i} + {i + 1}?", "answer": str(2 * i + 1)}) + "\n"
+                            for i in range(n)))
+    return path
+
+
+def grpo_config(tmp_path, small_data, base, **over):
+    return small_config(tmp_path, small_data, {
+        "grpo.data": str(prompts_file(tmp_path / "prompts.jsonl", 40)), "grpo.init_from": str(base),
+        "grpo.reward": "tests.grpo_rewards:digits", "grpo.group_size": 4, "grpo.prompts_per_step": 2,
+        "grpo.max_new_tokens": 12, "grpo.eval_prompts": 4, "grpo.verify_sync": True, "grpo.cpus_per_engine": 1,
+        "optim.lr": 1e-2, "optim.weight_decay": 0.0, "optim.warmup_steps": 0, "optim.schedule": "constant",
+        "train.seq_len": 64, "train.global_batch_tokens": 512, "train.micro_batch_size": 2, "train.steps": 3,
+        "train.checkpoint_every": 3, "train.eval_every": 3, **over})
+
+
+def test_grpo_engines_follow_every_update_and_survive_a_lost_engine(ray_local, small_data, base, tmp_path):
+    cfg = grpo_config(tmp_path, small_data, base, **{"faults.kill_engine_at_step": 2})
+    summary = pretrain(cfg, show_progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "runs" / "t" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    for r in steps:  # after each update: every engine reports the new version, greedy tokens equal the trainer's
+        assert r["sync_check"] == {"version": r["step"], "engine_versions": [r["step"]], "greedy_match": True}
+        assert 0 <= r["reward"] <= 1 and r["completion_tokens"] > 0
+    assert [r["engine_restarts"] for r in steps] == [0, 1, 1]  # killed before step 2's rollout, replaced, retried
+    assert summary["grpo"]["engine_restarts"] == 1 and summary["grpo"]["sync_checks"] == 3
+    assert "eval/accuracy" in rows[1] and "eval/accuracy" in steps[-1]
+    assert summary["recovery"] == []  # the lost engine never took the training run down
+    got = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "runs" / "t" / "hf").state_dict()
+    start = transformers.AutoModelForCausalLM.from_pretrained(base).state_dict()
+    assert any(not torch.equal(got[k], start[k]) for k in start)  # the policy moved
+    assert [p.name for p in (tmp_path / "runs" / "t" / "policy").iterdir()] == ["v00000003"]  # only the latest kept
+
+
+def test_grpo_config_errors(small_data, base, tmp_path):
+    with pytest.raises(ConfigError, match="must equal train.global_batch_tokens"):
+        grpo_config(tmp_path, small_data, base, **{"grpo.group_size": 8})
+    with pytest.raises(ConfigError, match="grpo.group_size"):
+        grpo_config(tmp_path, small_data, base, **{"grpo.group_size": 1, "grpo.prompts_per_step": 8})
+    with pytest.raises(ConfigError, match="grpo.max_new_tokens"):
+        grpo_config(tmp_path, small_data, base, **{"grpo.max_new_tokens": 64})
+
+
+def test_grpo_tiny_job_is_valid():
+    from raysmol.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "jobs" / "grpo_tiny.yaml")
+    assert cfg.post_training() == "grpo" and cfg.grpo.reward == "exact" and cfg.grpo.init_from == "runs/sft_tiny"
