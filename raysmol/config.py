@@ -124,6 +124,10 @@ class GRPOConfig:
     data: str | None = None
     # The starting policy: a Hugging Face folder or a raysmol run directory (its hf/).
     init_from: str | None = None
+    # Column names of the prompt and the reference answer (GSM8K: question, answer; "#### N" answers are reduced
+    # to N).
+    prompt_key: str = "prompt"
+    answer_key: str = "answer"
     # exact (the last number equals the answer), math (math-verify), code (tests pass in the sandbox), or
     # "module:function" called as function(completion: str, row: dict) -> float.
     reward: str = "exact"

@@ -250,6 +250,31 @@ def download_dir(uri: PathLike, local_dir: PathLike) -> None:
     pafs.copy_files(path, dst, source_filesystem=fs, destination_filesystem=_LOCAL)
 
 
+def local_copy(uri: str, complete: str) -> Path:
+    """A local folder with the contents of the immutable folder `uri` (object-store folders are downloaded once
+    per node, into ~/.cache/raysmol/remote); `complete` names a file whose presence marks a finished copy."""
+    import hashlib
+    from pathlib import Path
+
+    if not is_remote(uri):
+        return Path(uri)
+    dest = Path(os.path.expanduser("~/.cache/raysmol/remote")) / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    if not (dest / complete).exists():
+        tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
+        download_dir(uri, tmp)
+        os.replace(tmp, dest) if not dest.exists() else shutil.rmtree(tmp)
+    return dest
+
+
+def model_folder(uri: str) -> str:
+    """A Hugging Face model folder on this node for `uri`: a local folder or run directory as is, or the copy of
+    one on object storage (a run directory's hf/ export when it has one)."""
+    if not is_remote(uri):
+        return uri
+    hf = join(uri, "hf")
+    return str(local_copy(hf if exists(join(hf, "config.json")) else uri, "config.json"))
+
+
 def ray_storage(uri: PathLike) -> tuple[str, pafs.FileSystem | None]:
     """``(storage_path, storage_filesystem)`` for ``ray.train.RunConfig`` so Ray writes where we do.
 
@@ -282,6 +307,19 @@ def records(uri: PathLike, error: type[Exception] = ValueError) -> Iterator[tupl
     """(where, row) for each row of a jsonl or parquet file (local, s3://, hf://); `where` names file and line
     or row for error messages, and a file that cannot be read raises `error` naming it."""
     uri = os.fspath(uri)
+    if any(c in uri for c in "*?["):  # a glob over one folder's files (the hub's sharded parquet splits)
+        import fnmatch
+
+        parent, pattern = uri.rsplit("/", 1)
+        try:
+            names = sorted(n for n in listdir(parent) if fnmatch.fnmatch(n, pattern))
+        except (OSError, FileNotFoundError) as e:
+            raise error(f"{uri}: cannot list {parent}: {e}") from e
+        if not names:
+            raise error(f"{uri}: no file matches")
+        for name in names:
+            yield from records(join(parent, name), error)
+        return
     try:
         if uri.endswith(".parquet"):
             import pyarrow.parquet as pq

@@ -73,9 +73,16 @@ def test_pair_data_formats_and_errors(tmp_path):
     bad.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\nnot json\n')
     with pytest.raises(ChatError, match="bad.jsonl:2: not valid JSON"):
         read_pairs(str(bad))
-    for _, good, wrong in builtin_pairs("builtin:arithmetic-small", n=50):
-        assert good[:-1] == wrong[:-1] and good[-1] != wrong[-1]
-        assert good[-1]["content"].split(" = ")[0] == wrong[-1]["content"].split(" = ")[0]  # operands kept
+    import re
+
+    for spec in ("builtin:arithmetic-small", "builtin:arithmetic"):
+        for _, good, wrong in builtin_pairs(spec, n=50):
+            assert good[:-1] == wrong[:-1] and good[-1] != wrong[-1]
+            # Only the result differs: the same text once numbers are masked, the same operands.
+            mask = lambda t: re.sub(r"-?\d+", "N", t)  # noqa: E731
+            assert mask(good[-1]["content"]) == mask(wrong[-1]["content"])
+            if spec == "builtin:arithmetic":  # worked solutions: everything before the last result is kept
+                assert good[-1]["content"].rsplit("= ", 1)[0] == wrong[-1]["content"].rsplit("= ", 1)[0]
 
 
 def dpo_config(tmp_path, small_data, base, **over):

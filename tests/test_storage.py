@@ -196,3 +196,31 @@ def test_subprocess_inheriting_env_sees_same_server(s3_server, tmp_path: Path):
     assert result.returncode == 0, result.stderr
     assert storage.read_text(storage.join(bucket, "from-child.txt")) == "child"
     assert storage.read_text(storage.join(bucket, "from-child-pickled.txt")) == "child2"
+
+
+def test_hf_uris_go_through_huggingface_hubs_filesystem():
+    import pyarrow.fs as pafs
+
+    from raysmol import storage
+
+    # No network here: only the wiring (the hub's fsspec filesystem behind pyarrow, the repo path kept) is checked.
+    fs, path = storage.filesystem("hf://datasets/openai/gsm8k/main/train-00000-of-00001.parquet")
+    assert isinstance(fs, pafs.PyFileSystem) and "HfFileSystem" in type(fs.handler.fs).__name__
+    assert path == "datasets/openai/gsm8k/main/train-00000-of-00001.parquet"
+
+
+def test_records_read_jsonl_parquet_and_globs(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raysmol import storage
+
+    (tmp_path / "a-1.jsonl").write_text('{"x": 1}\n\n{"x": 2}\n')
+    pq.write_table(pa.table({"x": [3, 4]}), tmp_path / "b.parquet")
+    assert [(w.rsplit("/", 1)[1], r) for w, r in storage.records(str(tmp_path / "a-1.jsonl"))] == \
+        [("a-1.jsonl:1", {"x": 1}), ("a-1.jsonl:3", {"x": 2})]
+    assert [r["x"] for _, r in storage.records(str(tmp_path / "b.parquet"))] == [3, 4]
+    (tmp_path / "a-2.jsonl").write_text('{"x": 5}\n')
+    assert [r["x"] for _, r in storage.records(str(tmp_path / "a-*.jsonl"))] == [1, 2, 5]
+    with pytest.raises(ValueError, match="no file matches"):
+        list(storage.records(str(tmp_path / "c-*.jsonl")))

@@ -345,11 +345,4 @@ def _write_manifests(uri: str, src: SourceConfig, files: list[str], fmt: str, to
 
 def local_copy(uri: str) -> Path:
     """A local folder with the contents of `uri`; object-store folders are downloaded once per node."""
-    if not storage.is_remote(uri):
-        return Path(uri)
-    dest = Path(os.path.expanduser("~/.cache/raysmol/remote")) / hashlib.sha256(uri.encode()).hexdigest()[:16]
-    if not (dest / "manifest.json").exists():
-        tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
-        storage.download_dir(uri, tmp)
-        os.replace(tmp, dest) if not dest.exists() else None
-    return dest
+    return storage.local_copy(uri, "manifest.json")

@@ -213,7 +213,9 @@ def builtin_conversations(spec: str, n: int = 5000, seed: int = 1) -> list[tuple
 
 
 def small_arithmetic(n: int, seed: int):
-    """`n` one-step problems "question\nSolution: a + b = c. The answer is c."; seeded."""
+    """`n` one-step problems "question\nSolution: The answer is c."; seeded. The reply is the answer alone: an
+    exact-answer reward then judges every token a completion has (with a worked line first, a tiny model's
+    sampled arithmetic is mostly noise that an answer-only reward cannot credit)."""
     import random
 
     from raysmol.data.corpus import _ITEMS, _NAMES
@@ -224,11 +226,11 @@ def small_arithmetic(n: int, seed: int):
         a, b = r.randint(1, 20), r.randint(1, 20)
         if r.random() < 0.5:
             yield (f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?"
-                   f"\nSolution: {a} + {b} = {a + b}. The answer is {a + b}.")
+                   f"\nSolution: The answer is {a + b}.")
         else:
             a, b = max(a, b), min(a, b)
             yield (f"{name} has {a} {item} and gives {b} away. How many {item} are left?"
-                   f"\nSolution: {a} - {b} = {a - b}. The answer is {a - b}.")
+                   f"\nSolution: The answer is {a - b}.")
 
 
 def prepare_chat(uri: str, tokenizer, seq_len: int, val_fraction: float, key: str = "messages") -> dict:

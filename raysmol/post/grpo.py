@@ -18,9 +18,10 @@ REWARDS = ("exact", "math", "code")
 EPS = 1e-4  # keeps the advantages finite when a group's rewards are all equal (they are then all 0)
 
 
-def read_prompts(uri: str) -> list[dict]:
+def read_prompts(uri: str, prompt_key: str = "prompt", answer_key: str = "answer") -> list[dict]:
     """Rows with `prompt` (text, or a list of messages ending with the user's) and what the reward checks
-    (`answer`; code: `test` and `entry_point`). Built-in: the arithmetic problems with their answers."""
+    (`answer`; code: `test` and `entry_point`), read from the columns `prompt_key` and `answer_key`; a GSM8K
+    answer ("reasoning #### N") becomes N. Built-in: the arithmetic problems with their answers."""
     from raysmol import storage
 
     if uri.startswith("builtin:"):
@@ -29,9 +30,14 @@ def read_prompts(uri: str) -> list[dict]:
                  "where": where} for where, convo in builtin_conversations(uri, 5000, seed=3)]
     rows = []
     for where, row in storage.records(uri, ChatError):
-        if "prompt" not in row:
-            raise ChatError(f"{where}: a GRPO prompt row needs 'prompt' (keys: {', '.join(row) or 'none'})")
-        rows.append({**row, "where": where})
+        if prompt_key not in row:
+            raise ChatError(f"{where}: a GRPO prompt row needs {prompt_key!r} (keys: {', '.join(row) or 'none'}; "
+                            "grpo.prompt_key names the column)")
+        row = {**row, "prompt": row[prompt_key], "where": where}
+        if answer_key in row:
+            answer = row[answer_key]
+            row["answer"] = answer.rsplit("####", 1)[1].strip() if isinstance(answer, str) and "####" in answer else answer
+        rows.append(row)
     if not rows:
         raise ChatError(f"{uri}: no prompts")
     return rows

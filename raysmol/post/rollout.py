@@ -55,7 +55,10 @@ class Rollouts:
         self.tokenizer = AutoTokenizer.from_pretrained(self.tok_dir)
         self.ref = None
         if self.cfg.grpo.kl_beta > 0:
-            self.ref = AutoModelForCausalLM.from_pretrained(self.base, dtype=torch.float32).to(device).eval()
+            from raysmol.eval.cf import resolve_checkpoint
+
+            folder = resolve_checkpoint(storage.model_folder(self.base))
+            self.ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
         self.samples_per_step = self.cfg.grpo.prompts_per_step
         return self
 
@@ -213,13 +216,19 @@ class Rollouts:
     # ------------------------------------------------------------ evaluation, bookkeeping
 
     def evaluate(self) -> dict[str, float]:
-        """Greedy completions of the held-out prompts scored by the reward (exact: exact-match accuracy)."""
+        """The held-out prompts scored by the reward (exact: exact match): greedy completions (`eval/accuracy`)
+        and 4 sampled ones each at the training temperature, seeded the same every time (`eval/accuracy_sampled`,
+        what the policy gradient optimises)."""
         if self.rank != 0 or not self.held_out:
             return {}
+        g = self.cfg.grpo
         prompts = [render_prompt(self.tokenizer, r) for r in self.held_out]
-        samples = self._generate(prompts, Sampling(n=1, temperature=0, max_tokens=self.cfg.grpo.max_new_tokens))
-        rewards = self._rewards([[s[0].text] for s in samples], self.held_out)
-        return {"eval/accuracy": float(np.mean([r[0] for r in rewards]))}
+        greedy = self._generate(prompts, Sampling(n=1, temperature=0, max_tokens=g.max_new_tokens))
+        sampled = self._generate(prompts, Sampling(n=4, temperature=g.temperature, top_p=g.top_p,
+                                                   max_tokens=g.max_new_tokens, seed=self.cfg.data.seed + 7))
+        r_greedy = self._rewards([[s[0].text] for s in greedy], self.held_out)
+        r_sampled = self._rewards([[x.text for x in s] for s in sampled], self.held_out)
+        return {"eval/accuracy": float(np.mean(r_greedy)), "eval/accuracy_sampled": float(np.mean(r_sampled))}
 
     def report(self) -> dict[str, Any]:
         """What rank 0 adds to a logged row: rollout and sync times, engine restarts, the last sync check."""
@@ -243,7 +252,7 @@ def start_rollouts(cfg: Config, base: Path, tok_dir: str) -> tuple[Path, Rollout
     g = cfg.grpo
     reward_function(g.reward)  # a bad reward spec fails here, before any actor starts
     hf_tok, chat_dir = chat_tokenizer(tok_dir)
-    rows = read_prompts(g.data)
+    rows = read_prompts(g.data, g.prompt_key, g.answer_key)
     order = np.random.default_rng(cfg.data.seed).permutation(len(rows))
     n_eval = min(g.eval_prompts, len(rows) // 2)
     held_out, train = [rows[i] for i in order[:n_eval]], [rows[i] for i in order[n_eval:]]
@@ -261,7 +270,8 @@ def start_rollouts(cfg: Config, base: Path, tok_dir: str) -> tuple[Path, Rollout
     pool = EnginePool(g.engine, str(start), num_engines=g.num_engines, version=0, timeout_s=g.rollout_timeout_s,
                       load_timeout_s=g.sync_timeout_s, cpus_per_engine=g.cpus_per_engine,
                       gpus_per_engine=g.gpus_per_engine if gpu else 0)
-    return chat_dir, Rollouts(cfg, pool, train, held_out, str(chat_dir), run_dir(cfg), str(base))
+    uri = g.init_from if storage.is_remote(g.init_from) else str(base)
+    return chat_dir, Rollouts(cfg, pool, train, held_out, str(chat_dir), run_dir(cfg), uri)
 
 
 def grpo_summary(rows: list[dict], rollouts: Rollouts) -> dict[str, Any]:
@@ -275,5 +285,7 @@ def grpo_summary(rows: list[dict], rollouts: Rollouts) -> dict[str, Any]:
                        "steps_averaged": k},
             "held_out_accuracy": {"start": acc[0]["eval/accuracy"] if acc else None,
                                   "end": acc[-1]["eval/accuracy"] if acc else None},
+            "held_out_accuracy_sampled": {"start": acc[0].get("eval/accuracy_sampled") if acc else None,
+                                          "end": acc[-1].get("eval/accuracy_sampled") if acc else None},
             "engine_restarts": max([r.get("engine_restarts", 0) for r in rows] + [0]),
             "sync_checks": sum(1 for r in rows if "sync_check" in r)}

@@ -105,7 +105,8 @@ def pretrain(cfg: Config, *, show_progress: bool = True,
         "eval_suite": _training_suite(cfg, tok),
         "post": post,
         "rollouts": rollouts,
-        "init_from": str(base) if base is not None else None,
+        # The URI, not the driver's copy: workers on other nodes fetch their own (storage.model_folder).
+        "init_from": _model_uri(getattr(cfg, mode).init_from, base) if mode else None,
         "progress": progress,
         "run_dir": rd,
     }
@@ -152,7 +153,7 @@ def _post_base(cfg: Config, mode: str) -> Path:
     from raysmol.model import hf_config
 
     key = f"{mode}.init_from"
-    base = resolve_checkpoint(getattr(cfg, mode).init_from)
+    base = resolve_checkpoint(storage.model_folder(getattr(cfg, mode).init_from))
     cfg.tokenizer.name = str(base)
     have = json.loads((base / "config.json").read_text())
     want = hf_config(cfg, have.get("eos_token_id") or 0).to_dict()
@@ -163,6 +164,11 @@ def _post_base(cfg: Config, mode: str) -> Path:
         raise ConfigError(f"{cfg.origin}: {key}={getattr(cfg, mode).init_from!r} does not have the config's model "
                           f"shape ({'; '.join(diff)}); set the model section to the base model's")
     return base
+
+
+def _model_uri(init_from: str, base: Path) -> str:
+    """What a task or worker on any node can open: the object-store URI, or the resolved local folder."""
+    return init_from if storage.is_remote(init_from) else str(base)
 
 
 def chat_tokenizer(tok_dir: str):
@@ -194,7 +200,8 @@ def _post_data(cfg: Config, mode: str, tok, base: Path) -> tuple[Path, dict]:
     data = prepare_pairs(cfg.dpo.data, hf_tok, cfg.train.seq_len, cfg.dpo.val_fraction)
     t = time.perf_counter()
     gpu = {"num_gpus": 1} if cfg.train.use_gpu else {}
-    refs = {k: _reference_logps.options(**gpu).remote(str(base), data[k], max(64, cfg.train.micro_batch_size * 2))
+    refs = {k: _reference_logps.options(**gpu).remote(_model_uri(cfg.dpo.init_from, base), data[k],
+                                                      max(64, cfg.train.micro_batch_size * 2))
             for k in ("train", "val") if data[k] is not None}
     logps = {k: ray.get(r) for k, r in refs.items()}
     data["stats"]["reference_s"] = time.perf_counter() - t
@@ -209,10 +216,12 @@ def _reference_logps(model_dir: str, packed, micro_batch: int):
     import torch
     from transformers import AutoModelForCausalLM
 
+    from raysmol.eval.cf import resolve_checkpoint
     from raysmol.post.preference import reference_logps
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
+    folder = resolve_checkpoint(storage.model_folder(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device)
     return reference_logps(model, packed, micro_batch, device)
 
 

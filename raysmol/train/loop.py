@@ -107,7 +107,10 @@ def train_func(loop_config: dict[str, Any]) -> None:
     if loop_config.get("init_from"):
         from transformers import AutoModelForCausalLM
 
-        model.load_state_dict(AutoModelForCausalLM.from_pretrained(loop_config["init_from"]).state_dict())
+        from raysmol.eval.cf import resolve_checkpoint
+
+        folder = resolve_checkpoint(storage.model_folder(loop_config["init_from"]))
+        model.load_state_dict(AutoModelForCausalLM.from_pretrained(folder).state_dict())
     model = prepare_for_training(model, cfg)
     optimizer = make_optimizer(cfg, model)
     plan = DataPlan()  # data skips and lr windows from rollbacks; restored with the checkpoint
