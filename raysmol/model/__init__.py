@@ -155,6 +155,15 @@ def build_model(cfg: Config, eos_id: int = 0, seed: int | None = None) -> transf
     return model
 
 
+def load_model(folder, cfg: Config) -> transformers.PreTrainedModel:
+    """A Hugging Face model folder with its own config (post-training: the export then carries the base's config
+    unchanged, which engines and the hub expect), attending with the config's implementation, fp32 masters."""
+    c = transformers.AutoConfig.from_pretrained(folder)
+    c._attn_implementation = attn_implementation(cfg)
+    c.use_cache = False
+    return transformers.AutoModelForCausalLM.from_pretrained(folder, config=c, dtype=torch.float32)
+
+
 def prepare_for_training(model: transformers.PreTrainedModel, cfg: Config) -> transformers.PreTrainedModel:
     """The GPU path's switches, in place (state-dict keys unchanged, so checkpoints and export are unaffected):
     Liger kernels, activation checkpointing, torch.compile."""

@@ -18,7 +18,7 @@ from raysmol import storage
 from raysmol.config import Config, from_dict
 from raysmol.data.batches import Batches
 from raysmol.data.store import TokenStream
-from raysmol.model import build_model, flops_per_token, precision, prepare_for_training
+from raysmol.model import build_model, flops_per_token, load_model, precision, prepare_for_training
 from raysmol.post.chat import ChatBatches
 from raysmol.train import checkpoint as ckpt
 from raysmol.train.faults import Drills
@@ -103,14 +103,12 @@ def train_func(loop_config: dict[str, Any]) -> None:
                           cfg.data.seed, t.seq_len, t.samples_per_step(), cfg.data.intra_doc_masking)
         val = _val_batches(cfg, loop_config["val_dirs"], weights)
 
-    model = build_model(cfg, loop_config["eos_id"], seed=t.seed)
-    if loop_config.get("init_from"):
-        from transformers import AutoModelForCausalLM
-
+    if loop_config.get("init_from"):  # post-training: the base model as it is (its config included)
         from raysmol.eval.cf import resolve_checkpoint
 
-        folder = resolve_checkpoint(storage.model_folder(loop_config["init_from"]))
-        model.load_state_dict(AutoModelForCausalLM.from_pretrained(folder).state_dict())
+        model = load_model(resolve_checkpoint(storage.model_folder(loop_config["init_from"])), cfg)
+    else:
+        model = build_model(cfg, loop_config["eos_id"], seed=t.seed)
     model = prepare_for_training(model, cfg)
     optimizer = make_optimizer(cfg, model)
     plan = DataPlan()  # data skips and lr windows from rollbacks; restored with the checkpoint
