@@ -31,7 +31,7 @@ from raysmol.serve.pool import EnginePool, EngineTimeout
 log = logging.getLogger(__name__)
 
 
-@ray.remote(num_cpus=1)
+@ray.remote
 def _score(spec: str, completions: list[str], row: dict) -> list[float]:
     return reward_function(spec)(completions, row)
 
@@ -138,7 +138,8 @@ class Rollouts:
         raise AssertionError("unreachable")
 
     def _rewards(self, texts: list[list[str]], rows: list[dict]) -> list[list[float]]:
-        refs = [_score.remote(self.cfg.grpo.reward, group, _plain(row)) for group, row in zip(texts, rows)]
+        score = _score.options(num_cpus=self.cfg.grpo.reward_cpus)
+        refs = [score.remote(self.cfg.grpo.reward, group, _plain(row)) for group, row in zip(texts, rows)]
         ready, pending = ray.wait(refs, num_returns=len(refs), timeout=self.cfg.grpo.rollout_timeout_s)
         if pending:
             for r in pending:
