@@ -14,6 +14,7 @@ from typing import Any
 
 import ray
 
+from raysmol import storage
 from raysmol.serve.engines import EngineError, Sample, Sampling, make_engine
 
 logger = logging.getLogger(__name__)
@@ -34,30 +35,16 @@ class EngineActor:
 
             torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        self.engine = make_engine(kind, _local(model_path), version, options)
+        self.engine = make_engine(kind, storage.model_folder(model_path), version, options)
 
     def generate(self, prompts: list[str], sampling: Sampling) -> list[list[Sample]]:
         return self.engine.generate(prompts, sampling)
 
     def load(self, path: str, version: int) -> int:
-        return self.engine.load(_local(path), version)
+        return self.engine.load(storage.model_folder(path), version)
 
     def version(self) -> int:
         return self.engine.version
-
-
-def _local(path: str) -> str:
-    """A model folder on object storage (a trainer on another node wrote it) copied to this node first."""
-    from raysmol import storage
-
-    if not storage.is_remote(path):
-        return path
-    import hashlib
-    import tempfile
-
-    local = os.path.join(tempfile.gettempdir(), "raysmol-engine-weights", hashlib.sha256(path.encode()).hexdigest()[:16])
-    storage.download_dir(path, local)
-    return local
 
 
 class EnginePool:
