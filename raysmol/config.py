@@ -147,8 +147,9 @@ class GRPOConfig:
     # GPUs per engine actor when train.use_gpu (CPU engines take cpus_per_engine).
     gpus_per_engine: float = 1.0
     cpus_per_engine: float = 1.0
-    # CPUs each reward task reserves. 0: none, so scoring never waits for a CPU that trainers and engines hold
-    # (a group's task is short and at most prompts_per_step run at once); raise it for heavy code rewards.
+    # A step's groups are scored by up to `reward_tasks` Ray tasks, each reserving `reward_cpus` CPUs. 0: none, so
+    # scoring never waits for a CPU that trainers and engines hold; raise both for heavy code rewards.
+    reward_tasks: int = 4
     reward_cpus: float = 0.0
     rollout_timeout_s: float = 300.0
     sync_timeout_s: float = 300.0
@@ -532,6 +533,7 @@ def validate(cfg: Config) -> None:
         need(r.kl_beta >= 0, "grpo.kl_beta", f"must be >= 0, got {r.kl_beta}")
         need(r.num_engines >= 1, "grpo.num_engines", f"must be >= 1, got {r.num_engines}")
         need(r.reward_cpus >= 0, "grpo.reward_cpus", f"must be >= 0, got {r.reward_cpus}")
+        need(r.reward_tasks >= 1, "grpo.reward_tasks", f"must be >= 1, got {r.reward_tasks}")
         need(r.rollout_timeout_s > 0 and r.sync_timeout_s > 0, "grpo.rollout_timeout_s/sync_timeout_s", "must be positive")
         need(r.eval_prompts >= 0, "grpo.eval_prompts", f"must be >= 0, got {r.eval_prompts}")
     g = cfg.guard

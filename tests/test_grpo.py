@@ -165,6 +165,21 @@ def test_grpo_config_errors(small_data, base, tmp_path):
         grpo_config(tmp_path, small_data, base, **{"grpo.group_size": 1, "grpo.prompts_per_step": 8})
     with pytest.raises(ConfigError, match="grpo.max_new_tokens"):
         grpo_config(tmp_path, small_data, base, **{"grpo.max_new_tokens": 64})
+    with pytest.raises(ConfigError, match="grpo.reward_tasks"):
+        grpo_config(tmp_path, small_data, base, **{"grpo.reward_tasks": 0})
+
+
+def test_reward_tasks_score_every_group_in_order(ray_local, small_data, base, tmp_path):
+    """Groups are split over grpo.reward_tasks Ray tasks; the scores come back in the groups' order."""
+    from raysmol.post.rollout import Rollouts
+
+    rollouts = Rollouts.__new__(Rollouts)
+    rollouts.cfg = grpo_config(tmp_path, small_data, base, **{"grpo.reward_tasks": 3, "grpo.reward": "exact"})
+    rows = [{"prompt": f"q{i}", "answer": str(i), "where": f"row {i}"} for i in range(7)]
+    texts = [[f"The answer is {i}.", f"The answer is {i + 1}.", str(i)] for i in range(7)]
+    assert rollouts._rewards(texts, rows) == [[1.0, 0.0, 1.0]] * 7
+    texts[5] = ["The answer is 4."] * 3  # a wrong group lands where it was
+    assert rollouts._rewards(texts, rows)[4:7] == [[1.0, 0.0, 1.0], [0.0] * 3, [1.0, 0.0, 1.0]]
 
 
 def test_grpo_tiny_job_is_valid():
