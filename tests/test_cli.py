@@ -53,8 +53,8 @@ def test_grpo_demo_improves_on_the_sft_model(default_run):
         assert out.returncode == 0, out.stderr[-3000:]
     g = json.loads((cwd / "runs" / "grpo_tiny" / "summary.json").read_text())["grpo"]
     assert g["init_from"] == str(cwd / "runs" / "sft_tiny" / "hf") and g["held_out_prompts"] == 600, g
-    # Measured here: reward 0.202 -> 0.248 (20 steps x 128 completions each side), greedy 23.0% -> 26.2% and sampled
-    # 16.3% -> 22.5% on 600 held-out prompts. Each bar is about half the measured gain.
+    # Measured here: reward 0.207 -> 0.255 (30 steps x 128 completions each side), greedy 23.0% -> 26.8% and sampled
+    # 16.3% -> 26.6% on 600 held-out prompts. Each bar is at most about half the measured gain.
     assert g["reward"]["last_steps"] >= g["reward"]["first_steps"] + 0.02, g
     assert g["held_out_accuracy_sampled"]["end"] >= g["held_out_accuracy_sampled"]["start"] + 0.03, g
     assert g["held_out_accuracy"]["end"] > g["held_out_accuracy"]["start"], g
