@@ -36,7 +36,7 @@ def crash(out: str) -> dict:
     import ray
 
     from raysmol.config import load_config
-    from raysmol.train.launch import pretrain
+    from raysmol.recipes import pretrain
 
     ray.init(address="local", num_cpus=4)
     cfg = load_config(None, [*COMMON, f"run.output_dir={out}", "run.name=crash", "faults.crash_at_step=25",
@@ -52,7 +52,7 @@ def node_loss(out: str) -> dict:
     from ray.cluster_utils import Cluster
 
     from raysmol.config import load_config
-    from raysmol.train.launch import pretrain
+    from raysmol.recipes import pretrain
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]

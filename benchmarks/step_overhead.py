@@ -2,7 +2,7 @@
 
 What is measured:
 
-* ``raysmol``  the real path: ``raysmol.train.launch.pretrain(cfg)`` with ``train.num_workers=1`` (a Ray Train
+* ``raysmol``  the real path: ``raysmol.recipes.pretrain(cfg)`` with ``train.num_workers=1`` (a Ray Train
                ``TorchTrainer`` running ``raysmol.train.loop.train_func`` under DeepSpeed). Two numbers come out
                of the run's ``metrics.jsonl`` (written by the driver):
                - ``step_time``: what the loop itself logs per step (data, forward, backward, ``engine.step``
@@ -121,12 +121,13 @@ def _timed_progress_class():
 
 
 def run_raysmol(cfg) -> dict:
-    from raysmol import storage
+    from raysmol import recipes, storage
+    from raysmol.rundir import run_dir
     from raysmol.train import launch
 
     launch.Progress = _timed_progress_class()  # same interface; rows also carry recv_time
-    summary = launch.pretrain(cfg, show_progress=False)
-    rows = [json.loads(line) for line in storage.read_text(storage.join(launch.run_dir(cfg), "metrics.jsonl")).splitlines()
+    summary = recipes.pretrain(cfg, show_progress=False)
+    rows = [json.loads(line) for line in storage.read_text(storage.join(run_dir(cfg), "metrics.jsonl")).splitlines()
             if line.strip()]
     return {"rows": [r for r in rows if "loss" in r], "wall_s": summary["wall_time_s"], "first_loss": summary["first_loss"]}
 
@@ -162,7 +163,7 @@ def main() -> int:
 
     from raysmol.config import load_config
     from raysmol.data.prepare import prepare
-    from raysmol.train.launch import tokenizer_for
+    from raysmol.data.tokenizer import tokenizer_for
 
     if not args.verbose:
         logging.getLogger("ray").setLevel(logging.ERROR)

@@ -48,7 +48,8 @@ def cmd_config(args) -> int:
 
 def cmd_prepare(args) -> int:
     from raysmol.data.prepare import prepare
-    from raysmol.train.launch import init_ray, tokenizer_for
+    from raysmol.data.tokenizer import tokenizer_for
+    from raysmol.runtime import init_ray
 
     cfg = load_config(*_split(args))
     init_ray()
@@ -60,30 +61,11 @@ def cmd_prepare(args) -> int:
     return 0
 
 
-def cmd_pretrain(args) -> int:
-    from raysmol.train.launch import pretrain
+def cmd_train(args) -> int:
+    """pretrain, sft, dpo, grpo: the verb picks the task (raysmol/recipes.py)."""
+    from raysmol.recipes import run
 
-    cfg = load_config(*_split(args))
-    summary = pretrain(cfg)
-    print(json.dumps(summary, indent=1))
-    return 0
-
-
-POST_TRAINING_NEEDS = {
-    "sft": "chat data (jsonl or parquet rows with messages)",
-    "dpo": "preference pairs (jsonl or parquet rows with prompt, chosen, rejected)",
-    "grpo": "prompts with answers (jsonl or parquet rows with prompt, answer)",
-}
-
-
-def cmd_post(args) -> int:
-    from raysmol.train.launch import pretrain
-
-    cfg = load_config(*_split(args))
-    if cfg.post_training() != args.verb:
-        raise ConfigError(f"{cfg.origin}: {args.verb}.data: raysmol {args.verb} needs {POST_TRAINING_NEEDS[args.verb]} "
-                          f"and {args.verb}.init_from (the starting model)")
-    print(json.dumps(pretrain(cfg), indent=1))
+    print(json.dumps(run(args.verb, load_config(*_split(args))), indent=1))
     return 0
 
 
@@ -99,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(fn=cmd_prepare)
     p = sub.add_parser("pretrain", help="pretrain on Ray Train + DeepSpeed (default: the embedded tiny job)")
     _config_args(p, optional=True)
-    p.set_defaults(fn=cmd_pretrain)
+    p.set_defaults(fn=cmd_train)
     for verb, what in (("sft", "supervised fine-tuning on chat data (sft.data) from a base model (sft.init_from): "
                                 "assistant-only loss, whole conversations packed"),
                        ("dpo", "direct preference optimisation on chosen/rejected pairs (dpo.data) against the frozen "
@@ -108,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
                                 "the policy learns from group-normalised advantages; weights synced every step")):
         p = sub.add_parser(verb, help=what)
         _config_args(p, optional=False)
-        p.set_defaults(fn=cmd_post)
+        p.set_defaults(fn=cmd_train)
     eval_cli.add_parser(sub)
     from raysmol import ledger
     from raysmol.ablate import signal, tune

@@ -22,7 +22,7 @@ from ray.cluster_utils import Cluster
 from ray.util.state import list_actors
 
 from raysmol.config import load_config
-from raysmol.train.launch import pretrain
+from raysmol.recipes import pretrain
 
 LOOPBACK = "127.0.0.1"
 WORKER_NODES = 2

@@ -17,8 +17,9 @@ from conftest import small_config
 from raysmol.config import ConfigError
 from raysmol.post.chat import ChatError
 from raysmol.post.preference import builtin_pairs, pair_conversations, pair_rows, read_pairs
-from raysmol.train.launch import pretrain
-from raysmol.train.objectives import IGNORE, dpo
+from raysmol.recipes import run
+from raysmol.post.dpo import dpo
+from raysmol.train.objectives import IGNORE
 
 
 def pairs_file(path: Path, n: int, seed: int = 0) -> Path:
@@ -94,7 +95,7 @@ def dpo_config(tmp_path, small_data, base, **over):
 
 
 def test_dpo_run_starts_at_log2_and_raises_the_margin(ray_local, small_data, base, tmp_path):
-    summary = pretrain(dpo_config(tmp_path, small_data, base), show_progress=False)
+    summary = run("dpo", dpo_config(tmp_path, small_data, base), show_progress=False)
     assert summary["dpo"]["pairs"] + summary["dpo"]["val_pairs"] == 400 and summary["dpo"]["dropped"] == 0
     # Policy == reference at step 0: every implicit reward is 0 and the loss is exactly log 2.
     assert summary["initial_val_loss"] == pytest.approx(math.log(2), abs=1e-5)

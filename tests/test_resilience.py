@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 from raysmol import storage
 from raysmol.train import checkpoint as ckpt
 from raysmol.train.guard import DataPlan, GuardedAdamW, SpikeGuard
-from raysmol.train.launch import pretrain, recovery_report
+from raysmol.recipes import pretrain
+from raysmol.rundir import recovery_report
 
 # A 6-step, 2-worker ZeRO-2 run with a checkpoint every 2 steps is the reference for every fault below.
 BASE = {"train.steps": 6, "train.checkpoint_every": 2, "train.keep_checkpoints": 3, "train.max_failures": 2}

@@ -11,7 +11,7 @@ from conftest import small_config, write_docs
 
 from raysmol import storage
 from raysmol.train import checkpoint as ckpt
-from raysmol.train.launch import pretrain
+from raysmol.recipes import pretrain
 
 
 def read_metrics(run: str) -> list[dict]:

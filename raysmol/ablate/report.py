@@ -11,7 +11,6 @@ earlier step).
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import statistics
@@ -21,6 +20,7 @@ from typing import Any
 import yaml
 
 from raysmol import ledger, storage
+from raysmol.rundir import pyplot, save_figure
 from raysmol.ablate.spec import BASELINE
 
 WITHIN, BETTER, WORSE = "within seed noise", "better", "worse"
@@ -176,25 +176,13 @@ def _sched(s: dict) -> str:
     return f"ASHA grace {s['grace_period']}, reduction factor {s['reduction_factor']:g}, margin {s['margin']:g}"
 
 
-def _figure():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, plt, sweep_dir: str, name: str) -> None:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    storage.write_bytes(storage.join(sweep_dir, "plots", name), buf.getvalue())
+def _save(fig, sweep_dir: str, name: str) -> None:
+    save_figure(fig, storage.join(sweep_dir, "plots", name), dpi=110)
 
 
 def _plot_curves(sweep: dict, sweep_dir: str) -> None:
     """Training loss (left) and the judged metric (right) of every trial; an x where ASHA stopped one."""
-    plt = _figure()
+    plt = pyplot()
     metric = sweep["spec"]["metric"]["name"]
     variants = [BASELINE] + [v["name"] for v in sweep["spec"]["variants"]]
     colors = {v: f"C{i}" for i, v in enumerate(variants)}
@@ -214,12 +202,12 @@ def _plot_curves(sweep: dict, sweep_dir: str) -> None:
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
     ax2.legend(fontsize=7, ncol=2)
-    _save(fig, plt, sweep_dir, "curves.png")
+    _save(fig, sweep_dir, "curves.png")
 
 
 def _plot_bars(rows: list[VariantRow], metric: str, threshold: float, sweep_dir: str) -> None:
     """Mean ± std over completed seeds per variant; the band is the baseline's within-noise range."""
-    plt = _figure()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(rows)), 4))
     xs = list(range(len(rows)))
     means = [r.mean if r.values else 0.0 for r in rows]
@@ -240,4 +228,4 @@ def _plot_bars(rows: list[VariantRow], metric: str, threshold: float, sweep_dir:
     ax.set_xticks(xs, [r.variant for r in rows], rotation=20)
     ax.set_ylabel(f"{metric} (mean ± std over seeds)")
     ax.grid(axis="y", alpha=0.3)
-    _save(fig, plt, sweep_dir, "metric.png")
+    _save(fig, sweep_dir, "metric.png")

@@ -34,7 +34,7 @@ DRIVER_CPU = 0.01
 
 def ablate(path: str, *, show_progress: bool = True) -> str:
     """Run (or resume) the sweep in ablation file `path`; returns the terminal report table."""
-    from raysmol.train.launch import init_ray
+    from raysmol.runtime import init_ray
 
     spec = load_ablation(path)
     init_ray()
@@ -114,7 +114,7 @@ def run_trial(params: dict[str, Any], trials: dict[str, dict[str, Any]]) -> None
     """Tune function trainable: one raysmol pretraining run whose validation metric is reported to Tune."""
     from ray import tune
 
-    from raysmol.train.launch import pretrain
+    from raysmol.recipes import pretrain
 
     p = trials[params["trial"]]
     cfg = from_dict(p["config"], origin=f"ablation trial {p['name']}")
@@ -147,7 +147,7 @@ def _trial_params(spec: AblationSpec, t: Trial) -> dict[str, Any]:
 def _prepare_data(trials: list[Trial], show_progress: bool) -> None:
     """Prepare every distinct data set once, here, so concurrent trials never prepare the same one."""
     from raysmol.data.prepare import prepare
-    from raysmol.train.launch import tokenizer_for
+    from raysmol.data.tokenizer import tokenizer_for
 
     seen = set()
     for t in trials:
@@ -193,7 +193,7 @@ def _book_attempt(t: Trial, rd: str, status: str, stopped_at: int | None, trial_
     """Book the last attempt of a trial that did not complete, once (a re-run of `raysmol ablate` does not
     book it again): Tune's wall time of the trial when it ran in one attempt, else the attempt's span in
     metrics.jsonl (from its start event, so the worker start-up before it is not counted)."""
-    from raysmol.train.launch import MetricsFile
+    from raysmol.rundir import MetricsFile
 
     rows = MetricsFile(storage.join(rd, "metrics.jsonl")).rows
     starts = [r["time"] for r in rows if r.get("event") == "start"]

@@ -37,10 +37,11 @@ class Batch:
 
 class Batches:
     def __init__(self, streams: list[TokenStream], weights: list[float], seed: int, seq_len: int,
-                 samples_per_step: int, intra_doc_masking: bool = True):
+                 samples_per_step: int, intra_doc_masking: bool = True, names: list[str] | None = None):
         if len(streams) != len(weights):
             raise ValueError("one stream per mixture weight")
         self.streams = streams
+        self.names = names or [f"source{i}" for i in range(len(streams))]
         self.mixture = Mixture(weights, seed)
         self.seq_len = seq_len
         self.samples_per_step = samples_per_step
@@ -65,3 +66,8 @@ class Batches:
         base = step * self.samples_per_step
         return [self.samples(base + (a * world + rank) * micro + np.arange(micro))
                 for a in range(self.samples_per_step // per_pass)]
+
+    def epochs(self, step: int) -> dict[str, float]:
+        """How many passes over each source's token stream the run has made by the end of this step."""
+        counts = self.mixture.counts((step + 1) * self.samples_per_step)
+        return {n: float(c * self.seq_len / s.total) for n, c, s in zip(self.names, counts, self.streams)}

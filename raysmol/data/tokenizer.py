@@ -284,3 +284,13 @@ def _rename_folder_into_place(tmp: Path, folder: Path) -> None:
         if not (folder / DONE_MARKER).is_file():
             raise
         logger.debug("%s was built concurrently by another process", folder)
+
+
+def tokenizer_for(cfg) -> TokenizerInfo:
+    """The run's tokenizer (`cfg.tokenizer`), cached on this machine (under data.cache_dir unless that is object
+    storage)."""
+    from raysmol import storage
+
+    d = cfg.data.cache_dir
+    cache = os.path.expanduser("~/.cache/raysmol") if storage.is_remote(d) else os.path.expanduser(d)
+    return resolve_tokenizer(cfg.tokenizer.name, cache, builtin_vocab_size=cfg.tokenizer.vocab_size)

@@ -41,6 +41,8 @@ from typing import Any, Literal
 
 from raysmol.config import ConfigError, read_yaml_mapping
 from raysmol.config import _build as build_section
+from raysmol.model.folder import ModelFolderError, resolve_model
+from raysmol.train.hooks import Hook
 
 Formulation = Literal["cf", "mcf"]
 METRIC = "acc_norm"  # LightEval's name for LogLikelihoodAccMetric(normalization=LogProbCharNorm())
@@ -49,9 +51,6 @@ METRIC = "acc_norm"  # LightEval's name for LogLikelihoodAccMetric(normalization
 _LIGHTEVAL_SHUFFLE_SEED = 42
 _TASK_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")  # LightEval parses "|", "," and "@" (and ":" groups tasks)
 # Files that make up a Hugging Face model folder (save_pretrained output).
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                 "pytorch_model.bin.index.json")
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
 class SuiteError(ConfigError):
@@ -368,9 +367,10 @@ def score_choices(model, tokenizer, docs: Iterable[Any], *, batch_size: int = 32
     return sum(p == doc.gold_index for p, doc in zip(preds, docs)) / len(docs)
 
 
-class TrainingSuite:
-    """A suite scored inside the training loop: docs loaded once by the driver, a tokenizer shipped as files
-    (workers may run on nodes without the driver's cache). Picklable, so it travels in the loop config."""
+class TrainingSuite(Hook):
+    """A suite scored inside the training loop at every validation (a loop hook): docs loaded once by the driver,
+    a tokenizer shipped as files (workers may run on nodes without the driver's cache). Picklable, so it travels
+    in the loop config."""
 
     def __init__(self, suite_path: str, samples: int, tokenizer_dir: str | os.PathLike[str]):
         suite = load_suite(suite_path)
@@ -381,6 +381,9 @@ class TrainingSuite:
 
     def __getstate__(self):
         return {**self.__dict__, "_tokenizer": None}
+
+    def evaluate(self, ctx) -> dict[str, float]:
+        return self.scores(ctx.engine.module)  # every rank scores (ZeRO-3 forwards are collective); rank 0 logs
 
     def scores(self, model) -> dict[str, float]:
         """`eval/<task>` accuracies of an in-memory model (it is left in the mode it was in).
@@ -400,22 +403,11 @@ class TrainingSuite:
 
 
 def resolve_checkpoint(checkpoint_dir: str | os.PathLike[str]) -> Path:
-    """The Hugging Face model folder for `checkpoint_dir`: itself, or `<run dir>/hf`."""
-    folder = Path(checkpoint_dir)
-    if not folder.is_dir():
-        raise SuiteError(f"checkpoint {str(folder)!r} does not exist "
-                         "(give a save_pretrained folder or a run directory)")
-    if not (folder / "config.json").is_file() and (folder / "hf" / "config.json").is_file():
-        folder = folder / "hf"  # a raysmol run directory: its final export
-    missing = [" or ".join(names) for names in (("config.json",), _WEIGHT_FILES, _TOKENIZER_FILES)
-               if not any((folder / n).is_file() for n in names)]
-    if missing:
-        hint = (" (a DeepSpeed training checkpoint: evaluate the run's hf/ export instead)"
-                if (folder / "ds").is_dir() or (folder / "state.json").is_file() else "")
-        raise SuiteError(f"checkpoint {str(folder)!r} is not a Hugging Face model folder{hint}: it has no "
-                         f"{'; no '.join(missing)}. Expected the save_pretrained output of a model and its "
-                         "tokenizer, e.g. <run dir>/hf")
-    return folder.resolve()
+    """The Hugging Face model folder for `checkpoint_dir` (raysmol.model.folder.resolve_model), as a SuiteError."""
+    try:
+        return resolve_model(checkpoint_dir)
+    except ModelFolderError as e:
+        raise SuiteError(str(e)) from e
 
 
 def model_identity(folder: Path) -> dict[str, str]:

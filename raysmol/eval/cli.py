@@ -10,7 +10,6 @@ Results land under `--out` (JSON per checkpoint and task); with several checkpoi
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
 import time
@@ -77,7 +76,7 @@ def run(args) -> int:
 def _freeform(args, folder) -> tuple[str, dict[str, Any]]:
     from raysmol.eval.generate import evaluate_freeform
     from raysmol.serve.pool import EnginePool
-    from raysmol.train.launch import init_ray
+    from raysmol.runtime import init_ray
 
     name = cf.model_identity(folder)["name"]
     init_ray()
@@ -101,11 +100,9 @@ def _book(args, name: str, seconds: float) -> None:
 
 def compare_plot(scores: dict[str, dict[str, tuple[float, float]]], out: str) -> str:
     """Grouped bars: one group per task, one bar per checkpoint, stderr as error bars."""
-    import matplotlib
+    from raysmol.rundir import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     tasks = sorted({t for s in scores.values() for t in s})
     width = 0.8 / len(scores)
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(tasks) * len(scores)), 4))
@@ -117,11 +114,7 @@ def compare_plot(scores: dict[str, dict[str, tuple[float, float]]], out: str) ->
     ax.set_ylabel("score")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=7)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    path = storage.join(out, "compare.png")
-    storage.write_bytes(path, buf.getvalue())
+    path = save_figure(fig, storage.join(out, "compare.png"))
     storage.write_text(storage.join(out, "compare.json"), json.dumps(scores, indent=1) + "\n")
     return path
 

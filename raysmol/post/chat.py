@@ -251,3 +251,18 @@ def prepare_chat(uri: str, tokenizer, seq_len: int, val_fraction: float, key: st
             "stats": {"conversations": len(train), "val_conversations": len(val), "rows": len(packed_train.input_ids),
                       "truncated": packed_train.truncated,
                       "assistant_tokens": int((packed_train.labels != IGNORE).sum())}}
+
+
+def chat_tokenizer(tok_dir: str):
+    """The tokenizer with a chat template (raysmol's default where it has none) and a folder holding it, which is
+    exported with the model."""
+    import tempfile
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    hf_tok = AutoTokenizer.from_pretrained(tok_dir)
+    ensure_template(hf_tok)
+    out = Path(tempfile.mkdtemp(prefix="raysmol-chat-tok-"))
+    hf_tok.save_pretrained(out)
+    return hf_tok, out

@@ -1,7 +1,7 @@
 """GRPO's pieces that need no cluster: prompts, rewards, group-normalised advantages and training rows.
 
 The Ray side (engine actors, reward tasks, weight sync) is raysmol/post/rollout.py; the objective (clipped
-surrogate, optional KL) is `raysmol.train.objectives.grpo`.
+surrogate, optional KL) is `grpo` below.
 """
 
 from __future__ import annotations
@@ -11,8 +11,11 @@ import re
 from typing import Callable
 
 import numpy as np
+import torch
 
+from raysmol.data.batches import Batch
 from raysmol.post.chat import ChatError, Packed, builtin_conversations, fill
+from raysmol.train.objectives import token_logps
 
 REWARDS = ("exact", "math", "code")
 EPS = 1e-4  # keeps the advantages finite when a group's rewards are all equal (they are then all 0)
@@ -142,3 +145,27 @@ def completion_rows(prompt_ids: list[list[int]], completions: list[list[list[int
 
 __all__ = ["REWARDS", "read_prompts", "prompt_messages", "render_prompt", "exact_reward", "math_reward",
            "code_reward", "reward_function", "group_advantages", "completion_rows"]
+
+
+def grpo(model: torch.nn.Module, batch: Batch, clip: float, kl_beta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GRPO's clipped surrogate (Shao et al. 2024): one row per completion, labels on its tokens only.
+
+    extras: `advantages` [m] (group-normalised rewards), `old_logps` [m, L] (the sampling policy's log-probs of
+    the same tokens, as the engine reported them), `rewards` [m] (logged), and with kl_beta > 0 `ref_logps`
+    [m, L]. Per token: -min(ratio * A, clip(ratio, 1 - clip, 1 + clip) * A) (+ kl_beta * k3 KL estimate), averaged
+    over each completion's tokens, then over completions."""
+    logp, mask = token_logps(model, batch)
+    ratio = torch.exp(logp - batch.extras["old_logps"].to(logp.dtype))
+    adv = batch.extras["advantages"].to(logp.dtype)[:, None]
+    per_token = -torch.min(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv)
+    metrics = {}
+    if kl_beta > 0:
+        d = batch.extras["ref_logps"].to(logp.dtype) - logp
+        kl = torch.exp(d) - d - 1  # Schulman's k3: unbiased, always >= 0
+        per_token = per_token + kl_beta * kl
+        metrics["kl"] = ((kl * mask).sum() / mask.sum().clamp(min=1)).detach()
+    n = mask.sum(1).clamp(min=1)
+    loss = ((per_token * mask).sum(1) / n).mean()
+    clipped = ((ratio - 1).abs() > clip) & mask
+    return loss, {**metrics, "reward": batch.extras["rewards"].float().mean(),
+                  "clip_fraction": clipped.sum() / mask.sum().clamp(min=1), "completion_tokens": n.float().mean()}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +23,18 @@ import torch
 import torch.distributed as dist
 
 from raysmol import storage
-from raysmol.config import Config
+from raysmol.config import Config, ConfigError
 from raysmol.data.batches import Batch
-from raysmol.post.grpo import completion_rows, group_advantages, read_prompts, render_prompt, reward_function
+from raysmol.model.folder import resolve_model
+from raysmol.post.base import PostTask
+from raysmol.post.grpo import (completion_rows, group_advantages, grpo, read_prompts, render_prompt,
+                               reward_function)
+from raysmol.rundir import run_dir
 from raysmol.serve.engines import EngineError, Sampling
 from raysmol.serve.pool import EnginePool, EngineTimeout
+from raysmol.train import checkpoint as ckpt
+from raysmol.train.hooks import Context, Hook
+from raysmol.train.objectives import Objective, to_device, token_logps
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +45,10 @@ def _score(spec: str, groups: list[list[str]], rows: list[dict]) -> list[list[fl
     return [reward(completions, row) for completions, row in zip(groups, rows)]
 
 
-class Rollouts:
-    """GRPO's data source for the training loop (`micro_batches`, `epochs`) plus the weight sync and the
-    held-out evaluation. Built on the driver; the training workers get a copy holding the same engine actors."""
+class Rollouts(Hook):
+    """GRPO's data source for the training loop (`micro_batches`, `epochs`) and its hook: the weights go to the
+    engines after every restore and update, the held-out prompts are scored at every validation. Built on the
+    driver; the training workers get a copy holding the same engine actors."""
 
     def __init__(self, cfg: Config, pool: EnginePool, train: list[dict], held_out: list[dict], tok_dir: str,
                  run_dir: str, base: str):
@@ -56,9 +65,7 @@ class Rollouts:
         self.tokenizer = AutoTokenizer.from_pretrained(self.tok_dir)
         self.ref = None
         if self.cfg.grpo.kl_beta > 0:
-            from raysmol.eval.cf import resolve_checkpoint
-
-            folder = resolve_checkpoint(storage.model_folder(self.base))
+            folder = resolve_model(self.base)
             self.ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
         self.samples_per_step = self.cfg.grpo.prompts_per_step
         return self
@@ -87,8 +94,6 @@ class Rollouts:
             b.extras = {"old_logps": torch.from_numpy(old[rows]), "advantages": torch.from_numpy(adv[rows]).float(),
                         "rewards": torch.from_numpy(rewards[rows]).float()}
             if self.ref is not None:
-                from raysmol.train.objectives import token_logps, to_device
-
                 with torch.no_grad():
                     b.extras["ref_logps"] = token_logps(self.ref, to_device(b, self.device, self.ref))[0].cpu()
             out.append(b)
@@ -155,10 +160,15 @@ class Rollouts:
 
     # ------------------------------------------------------------ weight sync
 
+    def after_restore(self, ctx: Context) -> None:
+        """After a start, resume or rollback the engines serve the weights being trained."""
+        self.sync(ctx.engine, ctx.model, ctx.step)
+
+    def after_update(self, ctx: Context) -> None:
+        self.sync(ctx.engine, ctx.model, ctx.step)
+
     def sync(self, engine, model, step: int) -> None:
         """Every engine serves the weights of `step` (collective: every rank calls it)."""
-        from raysmol.train import checkpoint as ckpt
-
         sd = ckpt.full_state_dict(engine)
         if self.rank == 0 and not (step == 0 and self.version == 0 and self.pool.version == 0):
             t0 = time.perf_counter()
@@ -178,8 +188,6 @@ class Rollouts:
     def _write(self, model, sd, step: int) -> str:
         """The weights as a Hugging Face folder the engines can read: under the run directory (object storage or
         a shared disk reach every node) with the tokenizer."""
-        from raysmol.train import checkpoint as ckpt
-
         dest = storage.join(self.run_dir, "policy", f"v{step:08d}")
         with tempfile.TemporaryDirectory(prefix="raysmol-policy-") as d:
             ckpt.export_hf(model, sd, Path(d))
@@ -221,7 +229,7 @@ class Rollouts:
 
     # ------------------------------------------------------------ evaluation, bookkeeping
 
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, ctx: Context) -> dict[str, float]:
         """The held-out prompts scored by the reward (exact: exact match): greedy completions (`eval/accuracy`)
         and 4 sampled ones each at the training temperature, seeded the same every time (`eval/accuracy_sampled`,
         what the policy gradient optimises)."""
@@ -236,7 +244,7 @@ class Rollouts:
         r_sampled = self._rewards([[x.text for x in s] for s in sampled], self.held_out)
         return {"eval/accuracy": float(np.mean(r_greedy)), "eval/accuracy_sampled": float(np.mean(r_sampled))}
 
-    def report(self) -> dict[str, Any]:
+    def metrics(self, ctx: Context) -> dict[str, Any]:
         """What rank 0 adds to a logged row: rollout and sync times, engine restarts, the last sync check."""
         return dict(self.stats) if self.rank == 0 else {}
 
@@ -251,33 +259,47 @@ def _plain(row: dict) -> dict:
     return {k: v for k, v in row.items() if k != "where"}
 
 
-def start_rollouts(cfg: Config, base: Path, tok_dir: str) -> tuple[Path, Rollouts]:
-    """On the driver: prompts (held-out ones first), the chat tokenizer, and the engine actors serving `base`."""
-    from raysmol.train.launch import chat_tokenizer, run_dir
+class GRPO(PostTask):
+    """Rank 0 of the training workers asks the engine actors for each step's rows (raysmol/post/grpo.py's
+    objective trains on them); the Rollouts hook keeps the engines on the trained weights."""
 
-    g = cfg.grpo
-    reward_function(g.reward)  # a bad reward spec fails here, before any actor starts
-    hf_tok, chat_dir = chat_tokenizer(tok_dir)
-    rows = read_prompts(g.data, g.prompt_key, g.answer_key)
-    order = np.random.default_rng(cfg.data.seed).permutation(len(rows))
-    n_eval = min(g.eval_prompts, len(rows) // 2)
-    held_out, train = [rows[i] for i in order[:n_eval]], [rows[i] for i in order[n_eval:]]
-    longest = max(len(hf_tok(render_prompt(hf_tok, r))["input_ids"]) for r in train + held_out)
-    if longest + g.max_new_tokens > cfg.train.seq_len:
-        from raysmol.config import ConfigError
+    verb = "grpo"
 
-        raise ConfigError(f"{cfg.origin}: train.seq_len={cfg.train.seq_len} is shorter than the longest prompt "
-                          f"({longest} tokens) + grpo.max_new_tokens={g.max_new_tokens}")
-    # The engines start from the base weights with the chat template (tokenizer folder copied beside them).
-    start = Path(tempfile.mkdtemp(prefix="raysmol-grpo-base-"))
-    storage.download_dir(str(base), start)
-    hf_tok.save_pretrained(start)
-    gpu = cfg.train.use_gpu
-    pool = EnginePool(g.engine, str(start), num_engines=g.num_engines, version=0, timeout_s=g.rollout_timeout_s,
-                      load_timeout_s=g.sync_timeout_s, cpus_per_engine=g.cpus_per_engine,
-                      gpus_per_engine=g.gpus_per_engine if gpu else 0)
-    uri = g.init_from if storage.is_remote(g.init_from) else str(base)
-    return chat_dir, Rollouts(cfg, pool, train, held_out, str(chat_dir), run_dir(cfg), uri)
+    def prepare_data(self, cfg: Config) -> None:
+        """Prompts (held-out ones first) and the engine actors serving the base model with the chat template."""
+        g, hf_tok = cfg.grpo, self.tokenizer
+        reward_function(g.reward)  # a bad reward spec fails here, before any actor starts
+        rows = read_prompts(g.data, g.prompt_key, g.answer_key)
+        order = np.random.default_rng(cfg.data.seed).permutation(len(rows))
+        n_eval = min(g.eval_prompts, len(rows) // 2)
+        held_out, train = [rows[i] for i in order[:n_eval]], [rows[i] for i in order[n_eval:]]
+        longest = max(len(hf_tok(render_prompt(hf_tok, r))["input_ids"]) for r in train + held_out)
+        if longest + g.max_new_tokens > cfg.train.seq_len:
+            raise ConfigError(f"{cfg.origin}: train.seq_len={cfg.train.seq_len} is shorter than the longest prompt "
+                              f"({longest} tokens) + grpo.max_new_tokens={g.max_new_tokens}")
+        # The engines start from the base weights with the chat template (tokenizer folder copied beside them).
+        start = Path(tempfile.mkdtemp(prefix="raysmol-grpo-base-"))
+        storage.download_dir(str(self.base), start)
+        hf_tok.save_pretrained(start)
+        pool = EnginePool(g.engine, str(start), num_engines=g.num_engines, version=0, timeout_s=g.rollout_timeout_s,
+                          load_timeout_s=g.sync_timeout_s, cpus_per_engine=g.cpus_per_engine,
+                          gpus_per_engine=g.gpus_per_engine if cfg.train.use_gpu else 0)
+        self.rollouts = Rollouts(cfg, pool, train, held_out, self.tokenizer_dir, run_dir(cfg), self.init_uri)
+
+    def objective(self, cfg: Config) -> Objective:
+        return partial(grpo, clip=cfg.grpo.clip, kl_beta=cfg.grpo.kl_beta)
+
+    def batches(self, ctx: Context) -> tuple[Rollouts, None]:
+        return self.rollouts.attach(ctx.rank, ctx.world, ctx.device), None
+
+    def hooks(self) -> list[Hook]:
+        return [self.rollouts]
+
+    def summarise(self, cfg: Config, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"grpo": {"data": cfg.grpo.data, "init_from": str(self.base), **grpo_summary(rows, self.rollouts)}}
+
+    def close(self) -> None:
+        self.rollouts.shutdown()
 
 
 def grpo_summary(rows: list[dict], rollouts: Rollouts) -> dict[str, Any]:

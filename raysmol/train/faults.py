@@ -12,13 +12,16 @@ import time
 
 from raysmol import storage
 from raysmol.config import FaultsConfig
+from raysmol.train.hooks import Context, Hook
 
 
 class InjectedFault(RuntimeError):
     """Raised by a drill; never by anything else."""
 
 
-class Drills:
+class Drills(Hook):
+    """The drills as loop hooks (raysmol/train/hooks.py)."""
+
     def __init__(self, cfg: FaultsConfig, run_dir: str, rank: int, progress=None):
         self.cfg, self.rank, self.run_dir, self.progress = cfg, rank, run_dir, progress
         self.markers = storage.join(run_dir, "faults")
@@ -41,36 +44,35 @@ class Drills:
             os._exit(17)  # no cleanup, no exception: like a segfault or an OOM kill
         raise InjectedFault(f"fault drill: {name}")
 
-    def pause(self, step: int) -> None:
+    def before_checkpoint(self, ctx: Context) -> None:
         """After the step is logged, before its checkpoint: the window a rehearsal kills a worker in."""
         c = self.cfg
-        if c.pause_at_step == step and self._once(f"pause_at_step-{step}-rank{self.rank}"):
+        if c.pause_at_step == ctx.step and self._once(f"pause_at_step-{ctx.step}-rank{self.rank}"):
             time.sleep(c.pause_seconds)
 
-    def after_step(self, step: int) -> None:
-        c = self.cfg
+    def after_update(self, ctx: Context) -> None:
+        c, step = self.cfg, ctx.step
         if c.crash_at_step == step and self.rank == c.crash_rank and self._once(f"crash_at_step-{step}"):
             self._crash(f"crash rank {self.rank} after step {step}", c.crash_mode == "exit", step)
 
-    def during_save(self, step: int) -> None:
+    def during_save(self, ctx: Context) -> None:
         """Midway through this rank's upload of a checkpoint: some of its files are on storage, the rest never land."""
-        c = self.cfg
+        c, step = self.cfg, ctx.step
         if c.kill_during_save_at_step == step and self.rank == c.crash_rank and self._once(f"kill_during_save-{step}"):
             self._crash(f"rank {self.rank} killed while saving step {step}", True, step)
 
-    def after_report(self, step: int) -> None:
-        c = self.cfg
+    def after_checkpoint(self, ctx: Context) -> None:
+        c, step = self.cfg, ctx.step
         if c.crash_after_report_at_step == step and self.rank == c.crash_rank and self._once(f"after_report-{step}"):
             self._crash(f"rank {self.rank} died right after reporting step {step}", True, step)
 
-    def loss_multiplier(self, step: int) -> float | None:
-        """A factor for this step's loss (a spike or NaN drill), or None. Same on every rank."""
-        c = self.cfg
+    def before_step(self, ctx: Context) -> None:
+        """A factor for this step's loss (a spike or NaN drill); the same on every rank."""
+        c, step = self.cfg, ctx.step
         if c.nan_at_step == step and self._seen_once_all_ranks(f"nan-{step}"):
-            return float("nan")
-        if c.spike_at_step == step and self._seen_once_all_ranks(f"spike-{step}"):
-            return c.spike_factor
-        return None
+            ctx.loss_scale = float("nan")
+        elif c.spike_at_step == step and self._seen_once_all_ranks(f"spike-{step}"):
+            ctx.loss_scale = c.spike_factor
 
     def _seen_once_all_ranks(self, name: str) -> bool:
         # Every rank must inject together; each rank keeps its own marker so none races another's.

@@ -7,6 +7,7 @@ import math
 import os
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +17,12 @@ import torch.distributed as dist
 
 from raysmol import storage
 from raysmol.config import Config, from_dict
-from raysmol.data.batches import Batches
-from raysmol.data.store import TokenStream
-from raysmol.model import build_model, flops_per_token, load_model, precision, prepare_for_training
-from raysmol.post.chat import ChatBatches
+from raysmol.model import flops_per_token, precision, prepare_for_training
 from raysmol.train import checkpoint as ckpt
 from raysmol.train.faults import Drills
 from raysmol.train.guard import DataPlan, GuardedAdamW, GuardError, Sentry, SpikeGuard
-from raysmol.train.objectives import Objective, make_objective, to_device
+from raysmol.train.hooks import Context, Hooks
+from raysmol.train.objectives import Objective, to_device
 from raysmol.train.schedule import lr_multiplier
 
 # Dense bf16 peak FLOP/s per GPU, for MFU when train.peak_flops is not set.
@@ -80,115 +79,105 @@ def _init_distributed(cfg: Config):
 
 
 def train_func(loop_config: dict[str, Any]) -> None:
-    """Ray Train worker entry point. `loop_config`: config (dict), train_dirs, val_dirs, eos_id, run_dir, progress."""
-    cfg = from_dict(loop_config["config"], origin="run config")
+    """Ray Train worker entry point. `loop_config`: config (dict), task, hooks, run_dir, progress."""
+    cfg, task, progress = from_dict(loop_config["config"], origin="run config"), loop_config["task"], loop_config["progress"]
     deepspeed = _init_distributed(cfg)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = _device(cfg)
-    t, g, o = cfg.train, cfg.guard, cfg.optim
-    run_dir, progress = loop_config["run_dir"], loop_config.get("progress")
-    suite = loop_config.get("eval_suite")
-    drills = Drills(cfg.faults, run_dir, rank, progress)
-    weights = [s.weight for s in cfg.data.sources]
-    post, rollouts = loop_config.get("post"), loop_config.get("rollouts")
-    if post is not None:  # SFT or DPO: fixed rows (packed conversations, or chosen/rejected pairs)
-        batches = ChatBatches(post["train"], t.samples_per_step(), cfg.data.seed, post["group"],
-                              post["extras"]["train"], post["mode"])
-        val = (ChatBatches(post["val"], t.samples_per_step(), cfg.data.seed + 1, post["group"], post["extras"]["val"],
-                           post["mode"]) if post["val"] else None)
-    elif rollouts is not None:  # GRPO: each step's rows are sampled by the engines from the policy being trained
-        batches, val = rollouts.attach(rank, world, device), None
-    else:
-        batches = Batches([TokenStream(d, cfg.data.seed) for d in loop_config["train_dirs"]], weights,
-                          cfg.data.seed, t.seq_len, t.samples_per_step(), cfg.data.intra_doc_masking)
-        val = _val_batches(cfg, loop_config["val_dirs"], weights)
-
-    if loop_config.get("init_from"):  # post-training: the base model as it is (its config included)
-        from raysmol.eval.cf import resolve_checkpoint
-
-        model = load_model(resolve_checkpoint(storage.model_folder(loop_config["init_from"])), cfg)
-    else:
-        model = build_model(cfg, loop_config["eos_id"], seed=t.seed)
-    model = prepare_for_training(model, cfg)
+    t, g, rank = cfg.train, cfg.guard, dist.get_rank()
+    ctx = Context(cfg, rank, dist.get_world_size(), _device(cfg), loop_config["run_dir"], partial(_log, progress, rank))
+    hooks = Hooks([*task.hooks(), *loop_config["hooks"], Drills(cfg.faults, ctx.run_dir, rank, progress)])
+    hooks.call("setup", ctx)
+    batches, val = task.batches(ctx)
+    model = prepare_for_training(task.model(ctx), cfg)
     optimizer = make_optimizer(cfg, model)
     plan = DataPlan()  # data skips and lr windows from rollbacks; restored with the checkpoint
-    base_lr = lr_multiplier(o, t.steps)
+    base_lr = lr_multiplier(cfg.optim, t.steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: base_lr(s) * plan.lr_factor(s))
-    resume_dir = tempfile.TemporaryDirectory(prefix="raysmol-resume-")
-    found = _choose_checkpoint(run_dir, Path(resume_dir.name))
-    # ZeRO 1-3 shard optimizer state by data-parallel rank: a checkpoint from another world size (an elastic
-    # resize, a re-submission with more or fewer workers) is resharded through DeepSpeed's universal format.
-    universal = bool(found[1] and found[1]["world_size"] != world and t.zero_stage > 0)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(cfg, world, universal))
+    with tempfile.TemporaryDirectory(prefix="raysmol-resume-") as tmp:
+        found = _choose_checkpoint(ctx.run_dir, Path(tmp))
+        # ZeRO 1-3 shard optimizer state by data-parallel rank: a checkpoint from another world size (an elastic
+        # resize, a re-submission with more or fewer workers) is resharded through DeepSpeed's universal format.
+        universal = bool(found[1] and found[1]["world_size"] != ctx.world and t.zero_stage > 0)
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                               config=deepspeed_config(cfg, ctx.world, universal))
+        step, resumed_from = _resume(engine, ctx.run_dir, plan, hooks, rank, found, universal)
     sentry = Sentry(engine, SpikeGuard(g.window, g.min_steps, g.loss_zscore, g.grad_norm_factor), g.action)
     optimizer.veto = sentry.veto
-    objective = make_objective(cfg)
-    tpf, peak = flops_per_token(cfg), t.peak_flops or (_gpu_peak() if t.use_gpu else None)
-    names = [s.name for s in cfg.data.sources]
-
-    step, resumed_from = _resume(engine, run_dir, plan, rank, found, universal)
-    resume_dir.cleanup()
-    _log(progress, rank, {"event": "start", "step": step, "world_size": world, "resumed_from": resumed_from["checkpoint"],
-                          "rejected": resumed_from["rejected"]})
-    if rollouts is not None:  # the engines serve the weights being trained (after a restart: the resumed ones)
-        rollouts.sync(engine, model, step)
+    objective = task.objective(cfg)
+    ctx.engine, ctx.model, ctx.step = engine, model, step
+    ctx.log({"event": "start", "step": step, "world_size": ctx.world, "resumed_from": resumed_from["checkpoint"],
+             "rejected": resumed_from["rejected"]})
+    hooks.call("after_restore", ctx)
     if step == 0:
-        _log(progress, rank, {"step": 0, "tokens": 0, **validate(engine, val, objective, cfg, rank, world, device),
-                              **(suite.scores(engine.module) if suite is not None else {}),
-                              **(rollouts.evaluate() if rollouts is not None else {})})
-    # The logging interval: no host sync inside.
-    since, losses, extras, n_steps, first = time.perf_counter(), [], [], 0, True
+        ctx.log({"step": 0, "tokens": 0, **validate(engine, val, objective, cfg, rank, ctx.world, ctx.device),
+                 **hooks.collect("evaluate", ctx)})
+    window = Window(cfg, ctx.world)
     while step < t.steps:
-        mult = drills.loss_multiplier(step + 1)
-        mbs = batches.micro_batches(plan.data_step(step), rank, world, t.micro_batch_size)
-        losses += train_step(engine, objective, mbs, device, sentry, step + 1, mult, extras)
+        step = ctx.step = step + 1
+        ctx.loss_scale = None
+        hooks.call("before_step", ctx)
+        mbs = batches.micro_batches(plan.data_step(step - 1), rank, ctx.world, t.micro_batch_size)
+        window.add(train_step(engine, objective, mbs, ctx.device, sentry, step, ctx.loss_scale, window.extras))
         verdict = sentry.after_update()
-        if rollouts is not None:
-            rollouts.sync(engine, model, step + 1)
-        drills.after_step(step + 1)
+        hooks.call("after_update", ctx)
         if verdict:
-            _log(progress, rank, {"step": step + 1, "event": "spike", "action": g.action, **verdict})
+            ctx.log({"step": step, "event": "spike", "action": g.action, **verdict})
             if g.action == "rollback":
-                step = _rollback(engine, run_dir, plan, step, g, rank, progress)
-                since, losses, extras, n_steps = time.perf_counter(), [], [], 0
-                if rollouts is not None:
-                    rollouts.sync(engine, model, step)
+                step = ctx.step = _rollback(engine, ctx, plan, hooks, step)
+                hooks.call("after_restore", ctx)
+                window.reset()
                 continue
-        step, n_steps = step + 1, n_steps + 1
-        tokens = step * t.global_batch_tokens
         eval_due = (t.eval_every and step % t.eval_every == 0) or step == t.steps
-        if step % t.log_every == 0 or eval_due or first:
-            loss_mean = _mean_across_ranks(torch.stack(losses).mean())  # syncs: the point of logging
-            objective_metrics = {k: _mean_across_ranks(torch.stack([e[k] for e in extras]).mean())
-                                 for k in (extras[0] if extras else ())}
-            elapsed = time.perf_counter() - since
-            tps = n_steps * t.global_batch_tokens / elapsed
-            metrics = {"step": step, "tokens": tokens, "loss": loss_mean, "grad_norm": _grad_norm(engine),
-                       "lr": engine.get_lr()[0], "step_time": elapsed / n_steps, "tokens_per_s": tps,
-                       "tokens_per_s_per_worker": tps / world, "mfu": tps * tpf / (peak * world) if peak else None,
-                       "epochs": (_epochs(batches, plan.data_step(step - 1), names) if type(batches) is Batches
-                                  else batches.epochs(plan.data_step(step - 1))), **objective_metrics,
-                       **(rollouts.report() if rollouts is not None else {})}
-            if eval_due:
-                metrics.update(validate(engine, val, objective, cfg, rank, world, device))
-                if suite is not None:  # every rank scores (ZeRO-3 forwards are collective); rank 0 logs
-                    metrics.update(suite.scores(engine.module))
-                if rollouts is not None:
-                    metrics.update(rollouts.evaluate())
-            _log(progress, rank, metrics)
-            since, losses, extras, n_steps, first = time.perf_counter(), [], [], 0, False
-        drills.pause(step)
+        if window.due(step, eval_due):
+            row = {**window.row(step, engine, batches.epochs(plan.data_step(step - 1))), **hooks.collect("metrics", ctx)}
+            if eval_due:  # every rank evaluates (ZeRO-3 forwards are collective); rank 0 logs
+                row.update({**validate(engine, val, objective, cfg, rank, ctx.world, ctx.device),
+                            **hooks.collect("evaluate", ctx)})
+            ctx.log(row)
+            window.reset()
+        hooks.call("before_checkpoint", ctx)
         if step % t.checkpoint_every == 0 or step == t.steps:
-            _save_and_report(engine, cfg, {"step": step, "tokens": tokens}, plan, rank, world, drills)
-            since, n_steps = time.perf_counter(), 0  # checkpoint time is not step time
-            losses.clear()
-            extras.clear()
-
+            _save_and_report(engine, ctx, plan, hooks)
+            window.reset()  # checkpoint time is not step time
     sd = ckpt.full_state_dict(engine)
     if rank == 0:
-        _export(model, sd, storage.join(run_dir, "hf"))
+        _export(model, sd, storage.join(ctx.run_dir, "hf"))
     dist.barrier()
+
+
+class Window:
+    """The logging interval: losses and objective metrics stay on the device until a row is due (no host sync
+    inside it); a row's throughput counts only the steps since the last row, rollback or checkpoint."""
+
+    def __init__(self, cfg: Config, world: int):
+        self.t, self.world, self.first = cfg.train, world, True
+        self.tpf = flops_per_token(cfg)
+        self.peak = cfg.train.peak_flops or (_gpu_peak() if cfg.train.use_gpu else None)
+        self.reset()
+
+    def reset(self) -> None:
+        self.since, self.steps = time.perf_counter(), 0
+        self.losses: list[torch.Tensor] = []
+        self.extras: list[dict[str, torch.Tensor]] = []  # the objective's own metrics, appended by train_step
+
+    def add(self, losses: list[torch.Tensor]) -> None:
+        self.losses += losses
+        self.steps += 1
+
+    def due(self, step: int, eval_due: bool) -> bool:
+        return step % self.t.log_every == 0 or bool(eval_due) or self.first
+
+    def row(self, step: int, engine, epochs: dict[str, float]) -> dict[str, Any]:
+        """The row for `step`, averaged over ranks (these all-reduces are the point of logging)."""
+        self.first = False
+        elapsed = time.perf_counter() - self.since
+        tps = self.steps * self.t.global_batch_tokens / elapsed
+        return {"step": step, "tokens": step * self.t.global_batch_tokens,
+                "loss": _mean_across_ranks(torch.stack(self.losses).mean()), "grad_norm": _grad_norm(engine),
+                "lr": engine.get_lr()[0], "step_time": elapsed / self.steps, "tokens_per_s": tps,
+                "tokens_per_s_per_worker": tps / self.world,
+                "mfu": tps * self.tpf / (self.peak * self.world) if self.peak else None, "epochs": epochs,
+                **{k: _mean_across_ranks(torch.stack([e[k] for e in self.extras]).mean())
+                   for k in (self.extras[0] if self.extras else ())}}
 
 
 def train_step(engine, objective: Objective, mbs: list, device, sentry: Sentry, step: int,
@@ -232,8 +221,10 @@ def _choose_checkpoint(run_dir: str, tmp: Path) -> tuple[Path | None, dict | Non
     return folder, state, rejected
 
 
-def _resume(engine, run_dir: str, plan: DataPlan, rank: int, found, universal: bool = False) -> tuple[int, dict]:
-    """Load the chosen checkpoint (model, optimizer, scheduler, RNG, data plan); returns the step to run next."""
+def _resume(engine, run_dir: str, plan: DataPlan, hooks: Hooks, rank: int, found,
+            universal: bool = False) -> tuple[int, dict]:
+    """Load the chosen checkpoint (model, optimizer, scheduler, RNG, data plan, hook state); returns the step to
+    run next."""
     folder, state, rejected = found
     info = {"checkpoint": None, "rejected": rejected}
     if state is None:
@@ -245,6 +236,7 @@ def _resume(engine, run_dir: str, plan: DataPlan, rank: int, found, universal: b
         state = ckpt.load(engine, folder)
     ckpt.set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
     _restore_plan(plan, state, run_dir)
+    hooks.load_state_dict(state.get("hooks", {}))
     info["checkpoint"] = storage.join(run_dir, "checkpoints", f"checkpoint_{state['step']:08d}")
     return state["step"], info
 
@@ -275,47 +267,39 @@ def _restore_plan(plan: DataPlan, state: dict[str, Any], run_dir: str) -> None:
     plan.skips[:], plan.lr_windows[:] = restored.skips, restored.lr_windows
 
 
-def _rollback(engine, run_dir: str, plan: DataPlan, step: int, g, rank: int, progress) -> int:
-    """Reload the last good checkpoint and skip `g.skip_batches` batches of data from the spike on."""
-    guard_file = storage.join(run_dir, "guard.json")
+def _rollback(engine, ctx: Context, plan: DataPlan, hooks: Hooks, step: int) -> int:
+    """After a spike at `step`: reload the last good checkpoint and skip `guard.skip_batches` batches of data from
+    the spike on; returns the step to run next."""
+    g, spike = ctx.cfg.guard, step - 1  # the spike's data step
+    guard_file = storage.join(ctx.run_dir, "guard.json")
     done = json.loads(storage.read_text(guard_file))["rollbacks"] if storage.exists(guard_file) else 0
     if done >= g.max_rollbacks:
-        raise GuardError(f"loss spike at step {step + 1} after {done} rollbacks (guard.max_rollbacks={g.max_rollbacks}); "
+        raise GuardError(f"loss spike at step {step} after {done} rollbacks (guard.max_rollbacks={g.max_rollbacks}); "
                          "stopping instead of burning compute on a diverging run: inspect metrics.jsonl, then lower "
                          "optim.lr, raise guard.skip_batches or guard.max_rollbacks")
-    plan.skips.append((step, g.skip_batches))
+    plan.skips.append((spike, g.skip_batches))
     if g.lr_steps:
-        plan.lr_windows.append((step, step + g.lr_steps, g.lr_factor))
+        plan.lr_windows.append((spike, spike + g.lr_steps, g.lr_factor))
     dist.barrier()
-    if rank == 0:
+    if ctx.rank == 0:
         storage.write_text(guard_file, json.dumps({"rollbacks": done + 1, "plan": plan.to_dict()}))
     dist.barrier()
     with tempfile.TemporaryDirectory(prefix="raysmol-rollback-") as tmp:
-        found = _choose_checkpoint(run_dir, Path(tmp))
-        if found[1] and found[1]["world_size"] != dist.get_world_size():
-            raise GuardError(f"loss spike at step {step + 1}: the last checkpoint was saved at world size "
+        found = _choose_checkpoint(ctx.run_dir, Path(tmp))
+        if found[1] and found[1]["world_size"] != ctx.world:
+            raise GuardError(f"loss spike at step {step}: the last checkpoint was saved at world size "
                              f"{found[1]['world_size']}; an in-run rollback needs one from this world size")
-        to_step, info = _resume(engine, run_dir, plan, rank, found)
+        to_step, info = _resume(engine, ctx.run_dir, plan, hooks, ctx.rank, found)
     if info["checkpoint"] is None:
-        raise GuardError(f"loss spike at step {step + 1} but no checkpoint to roll back to; "
+        raise GuardError(f"loss spike at step {step} but no checkpoint to roll back to; "
                          "lower train.checkpoint_every or use guard.action: skip")
-    _log(progress, rank, {"step": step + 1, "event": "rollback", "to_step": to_step, "checkpoint": info["checkpoint"],
-                          "skip_batches": g.skip_batches, "lr_factor": g.lr_factor, "lr_steps": g.lr_steps,
-                          "rollbacks": done + 1})
+    ctx.log({"step": step, "event": "rollback", "to_step": to_step, "checkpoint": info["checkpoint"],
+             "skip_batches": g.skip_batches, "lr_factor": g.lr_factor, "lr_steps": g.lr_steps, "rollbacks": done + 1})
     return to_step
 
 
-def _val_batches(cfg: Config, val_dirs: list[str | None], weights: list[float]) -> Batches | None:
-    """Validation windows from the held-out documents of every source that has some (seed: data.seed + 1)."""
-    pairs = [(TokenStream(d, cfg.data.seed), w) for d, w in zip(val_dirs, weights) if d is not None and w > 0]
-    if not pairs:
-        return None
-    return Batches([p[0] for p in pairs], [p[1] for p in pairs], cfg.data.seed + 1, cfg.train.seq_len,
-                   cfg.train.samples_per_step(), cfg.data.intra_doc_masking)
-
-
 @torch.no_grad()
-def validate(engine, val: Batches | None, objective: Objective, cfg: Config, rank: int, world: int,
+def validate(engine, val, objective: Objective, cfg: Config, rank: int, world: int,
              device) -> dict[str, float]:
     """The objective's mean loss (`val_loss`) and metrics (`val_<name>`) over the same eval_batches x
     samples_per_step held-out samples at any world size; {} without held-out data."""
@@ -352,12 +336,6 @@ def _grad_norm(engine) -> float | None:
     return g if math.isfinite(g) else float("nan")
 
 
-def _epochs(batches: Batches, step: int, names: list[str]) -> dict[str, float]:
-    """How many passes over each source's token stream the run has made by the end of this step."""
-    counts = batches.mixture.counts((step + 1) * batches.samples_per_step)
-    return {n: float(c * batches.seq_len / s.total) for n, c, s in zip(names, counts, batches.streams)}
-
-
 def _gpu_peak() -> float | None:
     name = torch.cuda.get_device_name()
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
@@ -369,40 +347,40 @@ def _log(progress, rank: int, metrics: dict[str, Any]) -> None:
         progress.log.remote({**metrics, "time": time.time()})
 
 
-def _save_and_report(engine, cfg: Config, state: dict[str, Any], plan: DataPlan, rank: int, world: int,
-                     drills: Drills) -> None:
+def _save_and_report(engine, ctx: Context, plan: DataPlan, hooks: Hooks) -> None:
     import ray.train
 
-    step = state["step"]
-    rngs: list = [None] * world
+    cfg, step = ctx.cfg, ctx.step
+    rngs: list = [None] * ctx.world
     dist.all_gather_object(rngs, ckpt.rng_state())
-    full = {**state, "world_size": world, "zero_stage": cfg.train.zero_stage, "config_hash": cfg.hash(),
-            "data": {"next_sample": plan.data_step(step) * cfg.train.samples_per_step(), "plan": plan.to_dict()},
-            "rng": rngs}
+    state = {"step": step, "tokens": step * cfg.train.global_batch_tokens, "world_size": ctx.world,
+             "zero_stage": cfg.train.zero_stage, "config_hash": cfg.hash(),
+             "data": {"next_sample": plan.data_step(step) * cfg.train.samples_per_step(), "plan": plan.to_dict()},
+             "rng": rngs, "hooks": hooks.state_dict()}
     dir_name = f"checkpoint_{step:08d}"
     with tempfile.TemporaryDirectory(prefix="raysmol-ckpt-") as d:
-        ckpt.save(engine, Path(d), full)
+        ckpt.save(engine, Path(d), state)
         ray.train.report({"step": step}, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=dir_name,
-                         checkpoint_upload_fn=lambda c, name: _upload(c, name, drills, step, rank))
-    drills.after_report(step)
-    if rank == 0:
-        ckpt.prune(storage.join(drills.run_dir, "checkpoints"), cfg.train.keep_checkpoints)
+                         checkpoint_upload_fn=lambda c, name: _upload(c, name, ctx, hooks))
+    hooks.call("after_checkpoint", ctx)
+    if ctx.rank == 0:
+        ckpt.prune(storage.join(ctx.run_dir, "checkpoints"), cfg.train.keep_checkpoints)
 
 
-def _upload(checkpoint, dir_name: str, drills: Drills, step: int, rank: int):
+def _upload(checkpoint, dir_name: str, ctx: Context, hooks: Hooks):
     """Every rank uploads its files, then rank 0 uploads state.json: it lands only once the checkpoint is whole,
     so a save killed midway leaves a folder without state.json, which resume never loads."""
     import ray.train
 
     local = Path(checkpoint.path)
-    dest = storage.join(drills.run_dir, "checkpoints", dir_name)
+    dest = storage.join(ctx.run_dir, "checkpoints", dir_name)
     files = sorted(p for p in local.rglob("*") if p.is_file() and p.name != ckpt.STATE_FILE)
     for i, f in enumerate(files):
         storage.upload_file(f, storage.join(dest, f.relative_to(local).as_posix()))
         if i == 0:
-            drills.during_save(step)
+            hooks.call("during_save", ctx)
     dist.barrier()
-    if rank == 0:
+    if ctx.rank == 0:
         storage.upload_file(local / ckpt.STATE_FILE, storage.join(dest, ckpt.STATE_FILE))
     dist.barrier()
     path, fs = storage.ray_storage(dest)

@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from functools import partial
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from raysmol.data.batches import Batch
 from raysmol.model import FUSED_LOSS, VARLEN_IMPLEMENTATIONS, packed_attention_kwargs
-
-if TYPE_CHECKING:
-    from raysmol.config import Config
 
 IGNORE = -100  # label of positions that carry no loss (F.cross_entropy's ignore_index)
 
@@ -52,51 +48,6 @@ def token_logps(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, tor
 def sequence_logps(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     """Each row's summed log-probability of its labelled tokens (a reply's log-likelihood) [m]."""
     return token_logps(model, batch)[0].sum(1)
-
-
-def dpo(model: torch.nn.Module, batch: Batch, beta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The sigmoid DPO loss (Rafailov et al. 2023): rows alternate chosen, rejected; `ref_logps` are the frozen
-    reference's summed log-probs of the same rows. Implicit reward r = beta * (log pi - log pi_ref)."""
-    rewards = beta * (sequence_logps(model, batch) - batch.extras["ref_logps"].to(torch.float32))
-    chosen, rejected = rewards[0::2], rewards[1::2]
-    margin = chosen - rejected
-    loss = -F.logsigmoid(margin).mean()
-    return loss, {"reward_margin": margin.mean().detach(), "reward_accuracy": (margin > 0).float().mean(),
-                  "chosen_reward": chosen.mean().detach(), "rejected_reward": rejected.mean().detach()}
-
-
-def grpo(model: torch.nn.Module, batch: Batch, clip: float, kl_beta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """GRPO's clipped surrogate (Shao et al. 2024): one row per completion, labels on its tokens only.
-
-    extras: `advantages` [m] (group-normalised rewards), `old_logps` [m, L] (the sampling policy's log-probs of
-    the same tokens, as the engine reported them), `rewards` [m] (logged), and with kl_beta > 0 `ref_logps`
-    [m, L]. Per token: -min(ratio * A, clip(ratio, 1 - clip, 1 + clip) * A) (+ kl_beta * k3 KL estimate), averaged
-    over each completion's tokens, then over completions."""
-    logp, mask = token_logps(model, batch)
-    ratio = torch.exp(logp - batch.extras["old_logps"].to(logp.dtype))
-    adv = batch.extras["advantages"].to(logp.dtype)[:, None]
-    per_token = -torch.min(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv)
-    metrics = {}
-    if kl_beta > 0:
-        d = batch.extras["ref_logps"].to(logp.dtype) - logp
-        kl = torch.exp(d) - d - 1  # Schulman's k3: unbiased, always >= 0
-        per_token = per_token + kl_beta * kl
-        metrics["kl"] = ((kl * mask).sum() / mask.sum().clamp(min=1)).detach()
-    n = mask.sum(1).clamp(min=1)
-    loss = ((per_token * mask).sum(1) / n).mean()
-    clipped = ((ratio - 1).abs() > clip) & mask
-    return loss, {**metrics, "reward": batch.extras["rewards"].float().mean(),
-                  "clip_fraction": clipped.sum() / mask.sum().clamp(min=1), "completion_tokens": n.float().mean()}
-
-
-def make_objective(cfg: "Config") -> Objective:
-    """The run's objective: pretraining and SFT share next-token cross-entropy (SFT's prompts carry IGNORE)."""
-    mode = cfg.post_training()
-    if mode == "dpo":
-        return partial(dpo, beta=cfg.dpo.beta)
-    if mode == "grpo":
-        return partial(grpo, clip=cfg.grpo.clip, kl_beta=cfg.grpo.kl_beta)
-    return causal_lm
 
 
 @dataclass

@@ -1,0 +1,64 @@
+"""What every post-training task shares: the starting model (`<verb>.init_from`) and its tokenizer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from raysmol import storage
+from raysmol.config import Config, ConfigError
+from raysmol.data.tokenizer import tokenizer_for
+from raysmol.model import hf_config, load_model
+from raysmol.model.folder import resolve_model
+from raysmol.post.chat import chat_tokenizer
+from raysmol.train.hooks import Context
+from raysmol.train.task import Task, check_vocab
+
+
+class PostTask(Task):
+    """Starts from `<verb>.init_from`: its weights and config as they are (the export keeps that config), its
+    tokenizer with a chat template."""
+
+    def section(self, cfg: Config):
+        return getattr(cfg, self.verb)
+
+    def prepare(self, cfg: Config, show_progress: bool = True) -> None:
+        init_from = self.section(cfg).init_from
+        self.base = resolve_model(init_from)
+        # The URI, not the driver's copy: tasks and workers on other nodes fetch their own (storage.model_folder).
+        self.init_uri = init_from if storage.is_remote(init_from) else str(self.base)
+        cfg.tokenizer.name = str(self.base)
+        _check_shape(cfg, self.base, f"{self.verb}.init_from")
+        tok = tokenizer_for(cfg)
+        check_vocab(cfg, tok)
+        self.tokenizer, chat_dir = chat_tokenizer(tok.hf_dir)
+        self.tokenizer_dir = str(chat_dir)
+        self.stats: dict[str, Any] = {}
+        self.prepare_data(cfg)
+
+    def prepare_data(self, cfg: Config) -> None:
+        raise NotImplementedError
+
+    def summarise(self, cfg: Config, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        return {self.verb: {"data": self.section(cfg).data, "init_from": str(self.base), **self.stats}}
+
+    def model(self, ctx: Context) -> torch.nn.Module:
+        return load_model(resolve_model(self.init_uri), ctx.cfg)
+
+    def __getstate__(self):
+        # The driver's tokenizer object stays there: workers that need one load it themselves.
+        return {k: v for k, v in self.__dict__.items() if k != "tokenizer"}
+
+
+def _check_shape(cfg: Config, base: Path, key: str) -> None:
+    have = json.loads((base / "config.json").read_text())
+    want = hf_config(cfg, have.get("eos_token_id") or 0).to_dict()
+    keys = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "vocab_size", "tie_word_embeddings")
+    diff = [f"{k}: config {want.get(k)!r} vs model {have.get(k)!r}" for k in keys if want.get(k) != have.get(k)]
+    if diff:
+        raise ConfigError(f"{cfg.origin}: {key}={getattr(cfg, key.split('.')[0]).init_from!r} does not have the "
+                          f"config's model shape ({'; '.join(diff)}); set the model section to the base model's")
