@@ -262,7 +262,7 @@ def base(small_data, tmp_path_factory) -> Path:
     import transformers
 
     from raysmol.model import build_model
-    from raysmol.train.launch import tokenizer_for
+    from raysmol.data.tokenizer import tokenizer_for
 
     tmp = tmp_path_factory.mktemp("post_base")
     cfg = small_config(tmp, small_data)

@@ -225,11 +225,11 @@ def _code_documents(modules: list[_Module], max_bytes: int) -> Iterator[str]:
 # --------------------------------------------------------------------------------------------------
 # Arithmetic word problems
 
-_NAMES = (
+PEOPLE = (
     "Sam", "Ava", "Liam", "Mia", "Noah", "Zoe", "Omar", "Lena", "Ravi", "Chen",
     "Sofia", "Kofi", "Emma", "Diego", "Hana", "Yusuf", "Ines", "Tom", "Priya", "Mateo",
 )  # fmt: skip
-_ITEMS = (
+THINGS = (
     "apples", "marbles", "books", "pencils", "stickers", "cookies", "cards", "shells",
     "coins", "oranges", "stamps", "balloons", "eggs", "toy cars", "beads", "cupcakes",
 )  # fmt: skip
@@ -357,5 +357,5 @@ def generate_arithmetic(n: int, seed: int = 0) -> Iterator[str]:
     """``n`` word problems, each "question\\nSolution: <equations>. The answer is N."; seeded."""
     r = random.Random(seed)
     for _ in range(n):
-        name, other = r.sample(_NAMES, 2)
-        yield r.choice(_TEMPLATES)(r, name, other, r.choice(_ITEMS))
+        name, other = r.sample(PEOPLE, 2)
+        yield r.choice(_TEMPLATES)(r, name, other, r.choice(THINGS))

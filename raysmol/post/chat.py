@@ -221,11 +221,11 @@ def small_arithmetic(n: int, seed: int):
     it could learn from on a CPU."""
     import random
 
-    from raysmol.data.corpus import _ITEMS, _NAMES
+    from raysmol.data.corpus import THINGS, PEOPLE
 
     r = random.Random(seed)
     for _ in range(n):
-        name, item = r.choice(_NAMES), r.choice(_ITEMS)
+        name, item = r.choice(PEOPLE), r.choice(THINGS)
         a, b = r.randint(1, 5), r.randint(1, 5)
         if r.random() < 0.5:
             yield (f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?"

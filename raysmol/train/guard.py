@@ -1,4 +1,5 @@
 """Loss-spike guard: detection against running statistics, skipped updates, rollback bookkeeping. No Ray.
+(The running statistics are checkpointed with the run through the loop's hook state.)
 
 Detection (per optimizer step, the same on every rank because it reads all-reduced values): a non-finite loss or
 grad norm; a loss above mean + `loss_zscore` x std of the last `window` accepted steps; a grad norm above
@@ -18,6 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+
+from raysmol.train.hooks import Hook
 
 
 class GuardError(RuntimeError):
@@ -103,13 +106,30 @@ class SpikeGuard:
         return None
 
 
-class Sentry:
+class Sentry(Hook):
     """Wires a SpikeGuard into the DeepSpeed step: `before_update` after the last backward of a step,
-    `veto` from inside the optimizer, `after_update` once the step is done (the verdict, or None)."""
+    `veto` from inside the optimizer, `after_update` once the step is done (the verdict, or None).
+
+    As a loop hook it checkpoints the guard's running statistics with the run, so a resumed run judges its
+    first steps against the same history instead of being blind for `min_steps` after every restart."""
+
+    name = "guard"
 
     def __init__(self, engine, guard: SpikeGuard, action: str):
         self.engine, self.guard, self.action = engine, guard, action
         self.pending: dict[str, Any] | None = None
+
+    def after_restore(self, ctx) -> None:
+        self.engine = ctx.engine
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"losses": list(self.guard.losses), "norms": list(self.guard.norms)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.guard.losses.clear()
+        self.guard.losses.extend(state["losses"])
+        self.guard.norms.clear()
+        self.guard.norms.extend(state["norms"])
 
     def before_update(self, step: int, losses: list[torch.Tensor]) -> None:
         if self.action == "off":

@@ -84,7 +84,8 @@ def train_func(loop_config: dict[str, Any]) -> None:
     deepspeed = _init_distributed(cfg)
     t, g, rank = cfg.train, cfg.guard, dist.get_rank()
     ctx = Context(cfg, rank, dist.get_world_size(), _device(cfg), loop_config["run_dir"], partial(_log, progress, rank))
-    hooks = Hooks([*task.hooks(), *loop_config["hooks"], Drills(cfg.faults, ctx.run_dir, rank, progress)])
+    sentry = Sentry(None, SpikeGuard(g.window, g.min_steps, g.loss_zscore, g.grad_norm_factor), g.action)
+    hooks = Hooks([sentry, *task.hooks(), *loop_config["hooks"], Drills(cfg.faults, ctx.run_dir, rank, progress)])
     hooks.call("setup", ctx)
     batches, val = task.batches(ctx)
     model = prepare_for_training(task.model(ctx), cfg)
@@ -100,7 +101,6 @@ def train_func(loop_config: dict[str, Any]) -> None:
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                config=deepspeed_config(cfg, ctx.world, universal))
         step, resumed_from = _resume(engine, ctx.run_dir, plan, hooks, rank, found, universal)
-    sentry = Sentry(engine, SpikeGuard(g.window, g.min_steps, g.loss_zscore, g.grad_norm_factor), g.action)
     optimizer.veto = sentry.veto
     objective = task.objective(cfg)
     ctx.engine, ctx.model, ctx.step = engine, model, step
