@@ -138,7 +138,7 @@ def run_raysmol(cfg, batches: list, device, args, rank: int) -> dict:
     def step(k: int) -> torch.Tensor:
         mbs = [batches[(k * accum + a) % len(batches)] for a in range(accum)]
         losses = train_step(engine, causal_lm, mbs, device, sentry, k + 1)
-        sentry.after_update()
+        sentry.verdict()
         return torch.stack(losses).mean()
 
     times, losses = _timed(step, device, args)

@@ -108,7 +108,7 @@ class SpikeGuard:
 
 class Sentry(Hook):
     """Wires a SpikeGuard into the DeepSpeed step: `before_update` after the last backward of a step,
-    `veto` from inside the optimizer, `after_update` once the step is done (the verdict, or None).
+    `veto` from inside the optimizer, `verdict` once the step is done (why it was a spike, or None).
 
     As a loop hook it checkpoints the guard's running statistics with the run, so a resumed run judges its
     first steps against the same history instead of being blind for `min_steps` after every restart."""
@@ -157,7 +157,7 @@ class Sentry(Hook):
         p["vetoed"] = p["reason"] is not None and (self.action in ("skip", "rollback") or nonfinite)
         return p["vetoed"]
 
-    def after_update(self) -> dict[str, Any] | None:
+    def verdict(self) -> dict[str, Any] | None:
         p, self.pending = self.pending, None
         if p is None:
             return None

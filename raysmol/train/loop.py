@@ -117,7 +117,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
         hooks.call("before_step", ctx)
         mbs = batches.micro_batches(plan.data_step(step - 1), rank, ctx.world, t.micro_batch_size)
         window.add(train_step(engine, objective, mbs, ctx.device, sentry, step, ctx.loss_scale, window.extras))
-        verdict = sentry.after_update()
+        verdict = sentry.verdict()
         hooks.call("after_update", ctx)
         if verdict:
             ctx.log({"step": step, "event": "spike", "action": g.action, **verdict})
