@@ -18,7 +18,7 @@ from raysmol.config import ConfigError
 from raysmol.post.chat import ChatError
 from raysmol.post.grpo import (completion_rows, exact_reward, group_advantages, math_reward, read_prompts,
                                reward_function)
-from raysmol.recipes import run
+from raysmol import recipes
 from raysmol.post.grpo import grpo
 from raysmol.train.objectives import IGNORE
 
@@ -139,7 +139,7 @@ def grpo_config(tmp_path, small_data, base, **over):
 def test_grpo_engines_follow_every_update_and_survive_a_lost_engine_and_a_crash(ray_local, small_data, base, tmp_path):
     cfg = grpo_config(tmp_path, small_data, base, **{"faults.kill_engine_at_step": 2, "faults.crash_at_step": 3,
                                                       "train.checkpoint_every": 2})
-    summary = run("grpo", cfg, show_progress=False)
+    summary = recipes.run("grpo", cfg, show_progress=False)
     rows = [json.loads(line) for line in (tmp_path / "runs" / "t" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]
     # Rank 0 crashed after step 3's update: the run resumed from step 2's checkpoint and redid step 3.
@@ -200,7 +200,7 @@ def test_grpo_with_a_vllm_engine_follows_every_update(ray_local, small_data, hf_
         "grpo.engine": "vllm", "train.steps": 2, "train.checkpoint_every": 2, "train.eval_every": 2,
         "model.hidden_size": shape["hidden_size"], "model.intermediate_size": shape["intermediate_size"],
         "model.max_position_embeddings": shape["max_position_embeddings"], "model.vocab_size": shape["vocab_size"]})
-    summary = run("grpo", cfg, show_progress=False)
+    summary = recipes.run("grpo", cfg, show_progress=False)
     rows = [json.loads(line) for line in (tmp_path / "runs" / "t" / "metrics.jsonl").read_text().splitlines()]
     checks = [r["sync_check"] for r in rows if "loss" in r]
     assert checks == [{"version": s, "engine_versions": [s], "greedy_match": True} for s in (1, 2)]

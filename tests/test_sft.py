@@ -12,7 +12,7 @@ import transformers
 from conftest import small_config
 
 from raysmol.config import ConfigError
-from raysmol.recipes import run
+from raysmol import recipes
 
 
 def chats(path, n: int, seed: int = 0):
@@ -34,7 +34,7 @@ def sft_config(tmp_path, small_data, base, **over):
 
 def test_sft_starts_from_the_base_weights(ray_local, small_data, base, tmp_path):
     cfg = sft_config(tmp_path, small_data, base, **{"optim.lr": 1e-10, "train.steps": 2})
-    run("sft", cfg, show_progress=False)
+    recipes.run("sft", cfg, show_progress=False)
     got = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "runs" / "t" / "hf").state_dict()
     want = transformers.AutoModelForCausalLM.from_pretrained(base).state_dict()
     # A vanishing lr: the export is the base model itself (a fresh init would differ by ~0.02 everywhere).
@@ -43,7 +43,7 @@ def test_sft_starts_from_the_base_weights(ray_local, small_data, base, tmp_path)
 
 
 def test_sft_trains_on_assistant_tokens_and_exports_a_chat_model(ray_local, small_data, base, tmp_path):
-    summary = run("sft", sft_config(tmp_path, small_data, base), show_progress=False)
+    summary = recipes.run("sft", sft_config(tmp_path, small_data, base), show_progress=False)
     s = summary["sft"]
     assert s["conversations"] + s["val_conversations"] == 300 and s["truncated"] == 0
     assert s["rows"] < s["conversations"]  # packed: several conversations per row
@@ -61,7 +61,7 @@ def test_sft_trains_on_assistant_tokens_and_exports_a_chat_model(ray_local, smal
 def test_sft_refuses_a_base_of_another_shape(small_data, base, tmp_path):
     cfg = sft_config(tmp_path, small_data, base, **{"model.hidden_size": 128})
     with pytest.raises(ConfigError, match="hidden_size: config 128 vs model 64"):
-        run("sft", cfg, show_progress=False)
+        recipes.run("sft", cfg, show_progress=False)
 
 
 def test_sft_tiny_job_is_valid_and_builtin_chats_are_arithmetic():
