@@ -14,7 +14,7 @@ from raysmol.config import ConfigError, load_config
 
 def _config_args(p: argparse.ArgumentParser, optional: bool) -> None:
     p.add_argument("config", nargs="?" if optional else None, default=None,
-                   help="YAML config (default: the embedded jobs/tiny.yaml)" if optional else "YAML config")
+                   help="YAML config (default: the embedded raysmol/jobs/tiny.yaml)" if optional else "YAML config")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override config values (parsed as YAML)")
 
 
@@ -29,6 +29,7 @@ def cmd_config(args) -> int:
     from raysmol.model import flops_per_token, param_count
 
     cfg = load_config(*_split(args))
+    _adopt_base_shape(cfg)
     info = {"config": cfg.to_dict(), "parameters": param_count(cfg), "flops_per_token": flops_per_token(cfg),
             "derived": {"samples_per_step": cfg.train.samples_per_step(),
                         "grad_accum": cfg.train.grad_accum(cfg.train.num_workers),
@@ -44,6 +45,23 @@ def cmd_config(args) -> int:
     for k, v in info["derived"].items():
         print(f"{k + ':':<20}{v:,}")
     return 0
+
+
+def _adopt_base_shape(cfg) -> None:
+    """Post-training configs take the model's shape from init_from (raysmol/post/base.py does the same before
+    training); a base that is not there yet (the walk-through's runs/tiny before `raysmol pretrain`) is noted."""
+    mode = cfg.post_training()
+    if mode is None:
+        return
+    from raysmol.model.folder import ModelFolderError, resolve_model
+
+    key = f"{mode}.init_from"
+    try:
+        base = resolve_model(getattr(cfg, mode).init_from)
+    except ModelFolderError as e:
+        print(f"raysmol: note: the model section below is a placeholder until {key} exists ({e})", file=sys.stderr)
+        return
+    cfg.adopt_model(json.loads((base / "config.json").read_text()), key)
 
 
 def cmd_prepare(args) -> int:

@@ -1,10 +1,14 @@
 """Typed configuration: dataclasses are the source of truth, YAML only supplies values.
 
-A config file is a YAML mapping whose keys mirror the dataclasses below. `key.sub=value` overrides
-(values parsed as YAML) are applied on top. Unknown keys, wrong types and impossible values raise
-`ConfigError` naming the key and where it came from (the file, or "command line"). Values that follow
-from others (gradient accumulation, samples per step, vocabulary size of the built-in tokenizer) are
-derived here, never written twice.
+A config file is a YAML mapping whose keys mirror the dataclasses below (each field's docstring says what it
+means). `key.sub=value` overrides (values parsed as YAML) are applied on top. Unknown keys, wrong types and
+impossible values raise `ConfigError` naming the key and where it came from (the file, or "command line").
+Each section checks its own fields (its `check` method); rules between sections live in `_cross_check`.
+Values that follow from others (gradient accumulation, samples per step, vocabulary size of the built-in
+tokenizer) are derived here, never written twice.
+
+Post-training (sft, dpo, grpo) takes the model's shape from the starting model: `Config.adopt_model` reads its
+Hugging Face config.json; a `model:` key the user set (`Config.explicit`) must agree with it.
 """
 
 from __future__ import annotations
@@ -15,26 +19,38 @@ import json
 import os
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "jobs" / "tiny.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "jobs" / "tiny.yaml"
 
 
 class ConfigError(ValueError):
     """A config value is unknown, of the wrong type or impossible; the message names key and origin."""
 
 
+# need(ok, key, message): raise ConfigError naming the origin and the key (relative to the section) unless ok.
+Need = Callable[[bool, str, str], None]
+
+
+def _positive(need: Need, section: Any, *keys: str) -> None:
+    for key in keys:
+        need(getattr(section, key) > 0, key, f"must be positive, got {getattr(section, key)}")
+
+
 @dataclass
 class RunSection:
     name: str = "tiny"
-    # Run directory is <output_dir>/<name>/: a local path or an object-store URI (s3://...).
+    """The run's name: its directory is <output_dir>/<name>/."""
     output_dir: str = "runs"
-    # What the compute-ledger books this run under (raysmol/ledger.py); time lost to restarts is always debugging.
+    """Where run directories live: a local path or an object-store URI (s3://...)."""
     category: Literal["main", "ablation", "evaluation", "debugging"] = "main"
+    """What the compute-ledger books this run under (raysmol/ledger.py); time lost to restarts is always
+    debugging."""
 
 
 @dataclass
@@ -43,37 +59,55 @@ class ModelConfig:
     hidden_size: int = 128
     num_layers: int = 2
     num_heads: int = 4
-    # num_kv_heads == num_heads is MHA, 1 is MQA, anything in between GQA.
     num_kv_heads: int = 2
+    """num_kv_heads == num_heads is MHA, 1 is MQA, anything in between GQA."""
     intermediate_size: int = 512
     max_position_embeddings: int = 2048
     rope_theta: float = 10000.0
     tie_embeddings: bool = True
-    # SmolLM3: every k-th layer has no rotary embedding (NoPE). 0 = RoPE everywhere. Needs arch=smollm3.
     nope_every: int = 0
-    # None = the tokenizer's size (known without loading it for the built-in tokenizer).
+    """SmolLM3: every k-th layer has no rotary embedding (NoPE). 0 = RoPE everywhere. Needs arch=smollm3."""
     vocab_size: int | None = None
+    """None = the tokenizer's size (known without loading it for the built-in tokenizer)."""
     rms_norm_eps: float = 1e-5
     init_std: float = 0.02
-    # auto: on GPUs in bf16 flash-attn's varlen kernel if installed, else `varlen` (PyTorch's own flash varlen
-    # kernel); on CPUs sdpa. Packed documents never attend to each other under any of them (see raysmol/model).
     attn_implementation: Literal["auto", "sdpa", "eager", "varlen", "flash_attention_2", "flash_attention_3"] = "auto"
+    """auto: on GPUs in bf16 flash-attn's varlen kernel if installed, else `varlen` (PyTorch's own flash varlen
+    kernel); on CPUs sdpa. Packed documents never attend to each other under any of them (see raysmol/model)."""
+
+    def check(self, need: Need) -> None:
+        _positive(need, self, "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
+                  "max_position_embeddings")
+        need(self.hidden_size % self.num_heads == 0, "num_heads",
+             f"hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}")
+        need(self.num_heads % self.num_kv_heads == 0, "num_kv_heads",
+             f"num_heads {self.num_heads} must be divisible by num_kv_heads {self.num_kv_heads} "
+             "(1 = MQA, num_heads = MHA)")
+        need(self.nope_every >= 0, "nope_every", f"must be >= 0, got {self.nope_every}")
+        need(self.nope_every == 0 or self.arch == "smollm3", "nope_every", "NoPE layers need model.arch: smollm3")
+        need(self.rope_theta > 0, "rope_theta", f"must be positive, got {self.rope_theta}")
+        need(self.vocab_size is None or self.vocab_size > 0, "vocab_size", f"must be positive, got {self.vocab_size}")
 
 
 @dataclass
 class TokenizerConfig:
-    # "builtin" (byte-level BPE trained on the embedded corpus), a local folder/tokenizer.json, or a hub repo id.
     name: str = "builtin"
-    # Only used for the built-in tokenizer.
+    """"builtin" (byte-level BPE trained on the embedded corpus), a local folder/tokenizer.json, or a hub repo id."""
     vocab_size: int = 8192
+    """Only used for the built-in tokenizer."""
+
+    def check(self, need: Need) -> None:
+        need(self.vocab_size >= 256 + 1, "vocab_size",
+             f"a byte-level BPE needs at least 257 entries, got {self.vocab_size}")
 
 
 @dataclass
 class SourceConfig:
     name: str = ""
-    # A file, folder or glob; local, s3://, hf://; or builtin:prose|builtin:code|builtin:arithmetic.
     path: str = ""
+    """A file, folder or glob; local, s3://, hf://; or builtin:prose|builtin:code|builtin:arithmetic."""
     weight: float = 0.0
+    """Share of the mixture (weights are normalised; >= 0, at least one > 0)."""
     format: Literal["auto", "jsonl", "parquet", "text"] = "auto"
     text_field: str = "text"
 
@@ -81,84 +115,139 @@ class SourceConfig:
 @dataclass
 class DataConfig:
     sources: list[SourceConfig] = field(default_factory=list)
-    # Seed of the mixture order and of the per-epoch document orders of sources that wrap.
+    """The pretraining mixture (not read by post-training runs)."""
     seed: int = 1234
-    # Prepared token shards live under <cache_dir>/prepared/<hash of inputs>/ (local path or s3://).
+    """Seed of the mixture order and of the per-epoch document orders of sources that wrap."""
     cache_dir: str = "~/.cache/raysmol"
-    # Share of documents (by content hash) held out for validation loss.
+    """Prepared token shards live under <cache_dir>/prepared/<hash of inputs>/ (local path or s3://)."""
     val_fraction: float = 0.01
-    # Attention never crosses a document boundary and positions restart per document (SmolLM3).
+    """Share of documents (by content hash) held out for validation loss."""
     intra_doc_masking: bool = True
+    """Attention never crosses a document boundary and positions restart per document (SmolLM3)."""
+
+    def check(self, need: Need) -> None:
+        names = set()
+        for i, s in enumerate(self.sources):
+            k = f"sources.{i}"
+            need(bool(s.name), f"{k}.name", "every source needs a name")
+            need(s.name not in names, f"{k}.name", f"duplicate source name {s.name!r}")
+            names.add(s.name)
+            need(bool(s.path), f"{k}.path", f"source {s.name!r} needs a path")
+            need(s.weight >= 0, f"{k}.weight",
+                 f"source {s.name!r} has a negative weight {s.weight}; weights must be >= 0")
+        need(not self.sources or sum(s.weight for s in self.sources) > 0, "sources.*.weight",
+             "weights sum to zero; at least one must be > 0")
+        need(0 <= self.val_fraction < 0.5, "val_fraction", f"must be in [0, 0.5), got {self.val_fraction}")
+
+
+def _check_post_section(s: Any, mode: str, need: Need) -> None:
+    """What every post-training section needs once its data is set: a starting model and a sane hold-out."""
+    if s.data is None:
+        return
+    need(s.init_from is not None, "init_from", f"{mode} starts from a model: set it to a Hugging Face folder "
+         "or a run directory")
+    vf = getattr(s, "val_fraction", 0)
+    need(0 <= vf < 1, "val_fraction", f"must be in [0, 1), got {vf}")
 
 
 @dataclass
 class SFTConfig:
-    # Chat conversations (jsonl or parquet rows with a list of {role, content} messages under `messages_key`,
-    # local or s3://). Set, the run is supervised fine-tuning: data.sources are not read, only assistant tokens
-    # carry loss, and conversations are packed whole (raysmol/post/chat.py).
     data: str | None = None
+    """Chat conversations (jsonl or parquet rows with a list of {role, content} messages under `messages_key`,
+    local or s3://). Set, the run is supervised fine-tuning: data.sources are not read, only assistant tokens
+    carry loss, and conversations are packed whole (raysmol/post/chat.py)."""
     messages_key: str = "messages"
-    # The base model: a Hugging Face folder or a raysmol run directory (its hf/); its tokenizer is used.
     init_from: str | None = None
-    # Share of conversations (by content hash) held out for validation loss.
+    """The base model: a Hugging Face folder or a raysmol run directory (its hf/); its tokenizer is used, and its
+    shape is the run's model section."""
     val_fraction: float = 0.05
+    """Share of conversations (by content hash) held out for validation loss."""
+
+    def check(self, need: Need) -> None:
+        _check_post_section(self, "sft", need)
 
 
 @dataclass
 class DPOConfig:
-    # Preference pairs (jsonl or parquet rows {prompt, chosen, rejected}; prompt: text or a list of messages,
-    # chosen/rejected: the assistant's reply as text), local, s3:// or hf://. Set, the run is DPO: the model
-    # learns to prefer `chosen` over `rejected` relative to the frozen reference (the init_from model).
     data: str | None = None
-    # The starting model and the frozen reference: a Hugging Face folder or a raysmol run directory (its hf/).
+    """Preference pairs (jsonl or parquet rows {prompt, chosen, rejected}; prompt: text or a list of messages,
+    chosen/rejected: the assistant's reply as text), local, s3:// or hf://. Set, the run is DPO: the model
+    learns to prefer `chosen` over `rejected` relative to the frozen reference (the init_from model)."""
     init_from: str | None = None
-    # Strength of the pull towards the reference (the sigmoid loss's beta): small = far from it.
+    """The starting model and the frozen reference: a Hugging Face folder or a raysmol run directory (its hf/)."""
     beta: float = 0.1
+    """Strength of the pull towards the reference (the sigmoid loss's beta): small = far from it."""
+    loss: Literal["sigmoid", "ipo", "apo_zero", "apo_down"] = "sigmoid"
+    """The preference loss (raysmol/post/preference_losses.py): sigmoid (DPO), ipo (a squared loss that pulls the
+    margin to 1/(2 beta) instead of infinity), apo_zero (SmolLM3's: raise the chosen reply's likelihood, lower the
+    rejected one's; when the chosen replies are better than the model's own) or apo_down (lower both, the rejected
+    more; when the model is already better than the chosen replies)."""
     val_fraction: float = 0.05
+
+    def check(self, need: Need) -> None:
+        _check_post_section(self, "dpo", need)
+        need(self.beta > 0, "beta", f"must be positive, got {self.beta}")
 
 
 @dataclass
 class GRPOConfig:
-    # Prompts with reference answers (jsonl or parquet rows {prompt, answer}; code rows {prompt, test,
-    # entry_point}), local, s3:// or hf://, or builtin:arithmetic / builtin:arithmetic-small. Set, the run is GRPO.
     data: str | None = None
-    # The starting policy: a Hugging Face folder or a raysmol run directory (its hf/).
+    """Prompts with reference answers (jsonl or parquet rows {prompt, answer}; code rows {prompt, test,
+    entry_point}), local, s3:// or hf://, or builtin:arithmetic / builtin:arithmetic-small. Set, the run is GRPO."""
     init_from: str | None = None
-    # Column names of the prompt and the reference answer (GSM8K: question, answer; "#### N" answers are reduced
-    # to N).
+    """The starting policy: a Hugging Face folder or a raysmol run directory (its hf/)."""
     prompt_key: str = "prompt"
+    """Column name of the prompt (GSM8K: question)."""
     answer_key: str = "answer"
-    # exact (the last number equals the answer), math (math-verify), code (tests pass in the sandbox), or
-    # "module:function" called as function(completion: str, row: dict) -> float.
+    """Column name of the reference answer (GSM8K: answer; "#### N" answers are reduced to N)."""
     reward: str = "exact"
-    # Completions per prompt (the group whose rewards normalise each other).
+    """exact (the last number equals the answer), math (math-verify), code (tests pass in the sandbox), or
+    "module:function" called as function(completion: str, row: dict) -> float."""
     group_size: int = 8
-    # Prompts per optimizer step; prompts_per_step * group_size * train.seq_len must equal global_batch_tokens.
+    """Completions per prompt (the group whose rewards normalise each other)."""
     prompts_per_step: int = 8
+    """Prompts per optimizer step; prompts_per_step * group_size * train.seq_len must equal global_batch_tokens."""
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 48
-    # PPO-style clipping of the probability ratio between the trained policy and the one that sampled.
     clip: float = 0.2
-    # Weight of the KL penalty to the init_from model (0 = none, and no reference model is kept).
+    """PPO-style clipping of the probability ratio between the trained policy and the one that sampled."""
     kl_beta: float = 0.0
+    """Weight of the KL penalty to the init_from model (0 = none, and no reference model is kept)."""
     engine: Literal["transformers", "vllm"] = "transformers"
     num_engines: int = 1
-    # GPUs per engine actor when train.use_gpu (CPU engines take cpus_per_engine).
     gpus_per_engine: float = 1.0
+    """GPUs per engine actor when train.use_gpu (CPU engines take cpus_per_engine)."""
     cpus_per_engine: float = 1.0
-    # A step's groups are scored by up to `reward_tasks` Ray tasks, each reserving `reward_cpus` CPUs. 0: none, so
-    # scoring never waits for a CPU that trainers and engines hold; raise both for heavy code rewards.
     reward_tasks: int = 4
+    """A step's groups are scored by up to `reward_tasks` Ray tasks, each reserving `reward_cpus` CPUs."""
     reward_cpus: float = 0.0
+    """0: none, so scoring never waits for a CPU that trainers and engines hold; raise both for heavy code
+    rewards."""
     rollout_timeout_s: float = 300.0
     sync_timeout_s: float = 300.0
-    # Prompts held out (the first of a seeded permutation) and scored greedily through the reward at every
-    # validation: `eval/accuracy` (exact match with reward: exact).
     eval_prompts: int = 200
-    # After every weight sync, check that the engines report the new version and that their greedy completions
-    # equal the trained weights' own (slow: a debugging and test aid).
+    """Prompts held out (the first of a seeded permutation) and scored greedily through the reward at every
+    validation: `eval/accuracy` (exact match with reward: exact)."""
     verify_sync: bool = False
+    """After every weight sync, check that the engines report the new version and that their greedy completions
+    equal the trained weights' own (slow: a debugging and test aid)."""
+
+    def check(self, need: Need) -> None:
+        _check_post_section(self, "grpo", need)
+        if self.data is None:
+            return
+        need(self.group_size >= 2, "group_size", f"a group needs >= 2 completions to normalise, got {self.group_size}")
+        need(self.temperature > 0, "temperature", f"sampling needs a positive temperature, got {self.temperature}")
+        need(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
+        need(self.clip > 0, "clip", f"must be positive, got {self.clip}")
+        need(self.kl_beta >= 0, "kl_beta", f"must be >= 0, got {self.kl_beta}")
+        need(self.num_engines >= 1, "num_engines", f"must be >= 1, got {self.num_engines}")
+        need(self.reward_cpus >= 0, "reward_cpus", f"must be >= 0, got {self.reward_cpus}")
+        need(self.reward_tasks >= 1, "reward_tasks", f"must be >= 1, got {self.reward_tasks}")
+        need(self.rollout_timeout_s > 0 and self.sync_timeout_s > 0, "rollout_timeout_s/sync_timeout_s",
+             "must be positive")
+        need(self.eval_prompts >= 0, "eval_prompts", f"must be >= 0, got {self.eval_prompts}")
 
 
 @dataclass
@@ -169,106 +258,174 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0
+    """Gradient-norm clipping (0 = off)."""
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
     warmup_steps: int = 30
-    # Final learning rate as a fraction of lr (cosine and wsd).
+    """Linear warm-up; fewer than train.steps."""
     min_lr_ratio: float = 0.1
-    # wsd only: the share of steps spent in the final linear decay.
+    """Final learning rate as a fraction of lr (cosine and wsd)."""
     decay_fraction: float = 0.2
+    """wsd only: the share of steps spent in the final linear decay."""
+
+    def check(self, need: Need) -> None:
+        need(self.lr > 0, "lr", f"must be positive, got {self.lr}")
+        need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        need(0 < self.decay_fraction <= 1, "decay_fraction", f"must be in (0, 1], got {self.decay_fraction}")
+        need(self.grad_clip >= 0, "grad_clip", f"must be >= 0 (0 = off), got {self.grad_clip}")
+        need(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1/beta2", "must be in [0, 1)")
 
 
 @dataclass
 class TrainConfig:
     steps: int = 300
     global_batch_tokens: int = 2048
+    """Tokens per optimizer step, whatever the world size: a whole number of micro_batch_size x seq_len x
+    workers passes (gradient accumulation makes up the rest)."""
     micro_batch_size: int = 8
     seq_len: int = 128
     num_workers: int = 2
-    # Elastic training: with min_workers < num_workers Ray Train starts with as many workers as fit (at least
-    # min_workers) and restarts at a new size when nodes come or go; the global batch stays the same.
     min_workers: int | None = None
+    """Elastic training: with min_workers < num_workers Ray Train starts with as many workers as fit (at least
+    min_workers) and restarts at a new size when nodes come or go; the global batch stays the same."""
     use_gpu: bool = False
     zero_stage: int = 2
-    # auto = bf16 on GPUs, fp32 on CPUs.
     precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """auto = bf16 on GPUs, fp32 on CPUs."""
     seed: int = 0
     log_every: int = 1
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
-    # Validation loss every N steps (0 = only before the first and after the last step).
     eval_every: int = 0
+    """Validation loss every N steps (0 = only before the first and after the last step)."""
     eval_batches: int = 4
-    # A CF/MCF suite (e.g. eval/suites/tiny.yaml) scored in-process with validation loss at every eval (the
-    # first eval_suite_samples samples of each task; accuracy as metrics eval/<task>). None: loss only.
     eval_suite: str | None = None
+    """A CF/MCF suite (e.g. eval/suites/tiny.yaml) scored in-process with validation loss at every eval (the
+    first eval_suite_samples samples of each task; accuracy as metrics eval/<task>). None: loss only."""
     eval_suite_samples: int = 64
-    # Peak FLOP/s per device for MFU; None = looked up from the GPU name (no MFU on CPU).
     peak_flops: float | None = None
-    # torch threads per worker on CPU: logical Ray CPUs may exceed physical cores.
+    """Peak FLOP/s per device for MFU; None = looked up from the GPU name (no MFU on CPU)."""
     cpu_threads_per_worker: int = 1
-    # Worker failures Ray Train recovers from (restart from the newest committed checkpoint) before giving up.
+    """torch threads per worker on CPU: logical Ray CPUs may exceed physical cores."""
     max_failures: int = 3
-    # GPU path switches (raysmol.model.prepare_for_training). liger: Liger kernels for RMSNorm, SwiGLU, RoPE and
-    # the fused linear cross-entropy (needs the liger-kernel package and GPUs).
+    """Worker failures Ray Train recovers from (restart from the newest committed checkpoint) before giving up."""
     liger: bool = False
-    # Recompute each decoder layer's activations in the backward pass: less memory, ~1/3 more compute.
+    """GPU path (raysmol.model.prepare_for_training): Liger kernels for RMSNorm, SwiGLU, RoPE and the fused
+    linear cross-entropy (needs the liger-kernel package and GPUs)."""
     activation_checkpointing: bool = False
-    # torch.compile the model's forward (first steps pay the compilation).
+    """Recompute each decoder layer's activations in the backward pass: less memory, ~1/3 more compute."""
     compile: bool = False
+    """torch.compile the model's forward (first steps pay the compilation)."""
 
     def samples_per_step(self) -> int:
         return self.global_batch_tokens // self.seq_len
 
+    def tokens_per_pass(self, world_size: int) -> int:
+        """Tokens of one forward/backward pass over all workers: micro_batch_size x seq_len x world_size."""
+        return self.micro_batch_size * self.seq_len * world_size
+
+    def splits_over(self, world_size: int) -> bool:
+        """The global-batch rule: global_batch_tokens is a whole number of passes at this world size."""
+        return self.global_batch_tokens % self.tokens_per_pass(world_size) == 0
+
     def grad_accum(self, world_size: int) -> int:
         """Gradient accumulation that keeps the global batch fixed at this world size."""
-        per_pass = self.micro_batch_size * self.seq_len * world_size
-        if self.global_batch_tokens % per_pass:
+        per_pass = self.tokens_per_pass(world_size)
+        if not self.splits_over(world_size):
             raise ConfigError(
                 f"train.global_batch_tokens={self.global_batch_tokens} is not a multiple of "
-                f"micro_batch_size*seq_len*world_size = {self.micro_batch_size}*{self.seq_len}*{world_size} = {per_pass}"
+                f"micro_batch_size*seq_len*world_size = {self.micro_batch_size}*{self.seq_len}*{world_size} = "
+                f"{per_pass}"
             )
         return self.global_batch_tokens // per_pass
+
+    def check(self, need: Need) -> None:
+        _positive(need, self, "steps", "global_batch_tokens", "micro_batch_size", "seq_len", "num_workers",
+                  "log_every", "checkpoint_every", "keep_checkpoints", "eval_batches", "cpu_threads_per_worker")
+        need(self.eval_every >= 0, "eval_every", f"must be >= 0, got {self.eval_every}")
+        need(self.eval_suite_samples > 0, "eval_suite_samples", f"must be positive, got {self.eval_suite_samples}")
+        need(self.eval_suite is None or os.path.isfile(self.eval_suite), "eval_suite",
+             f"no such suite file {self.eval_suite!r} (e.g. eval/suites/tiny.yaml)")
+        need(self.zero_stage in (0, 1, 2, 3), "zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
+        need(not (self.precision == "bf16" and not self.use_gpu), "precision",
+             "bf16 needs train.use_gpu: true; use auto or fp32")
+        need(self.min_workers is None or 1 <= self.min_workers <= self.num_workers, "min_workers",
+             f"must be in [1, train.num_workers={self.num_workers}], got {self.min_workers}")
+        need(self.max_failures >= 0, "max_failures", f"must be >= 0, got {self.max_failures}")
+        need(not (self.liger and not self.use_gpu), "liger",
+             "Liger kernels are Triton GPU kernels: needs train.use_gpu: true")
+        need(self.peak_flops is None or self.peak_flops > 0, "peak_flops", f"must be positive, got {self.peak_flops}")
 
 
 @dataclass
 class GuardConfig:
     """Loss-spike guard (see raysmol/train/guard.py)."""
 
-    # off | log (record only) | skip (drop the update) | rollback (reload the last checkpoint, skip data)
     action: Literal["off", "log", "skip", "rollback"] = "log"
+    """off | log (record only) | skip (drop the update) | rollback (reload the last checkpoint, skip data)."""
     window: int = 50
-    # Steps of healthy statistics needed before anything is flagged (non-finite values always are).
     min_steps: int = 20
+    """Steps of healthy statistics needed before anything is flagged (non-finite values always are)."""
     loss_zscore: float = 6.0
     grad_norm_factor: float = 10.0
-    # rollback: data batches skipped at the spike, lr multiplier and for how many steps, and the bound.
     skip_batches: int = 10
+    """rollback: data batches skipped at the spike."""
     lr_factor: float = 1.0
+    """rollback: lr multiplier for the next lr_steps steps."""
     lr_steps: int = 0
     max_rollbacks: int = 3
+
+    def check(self, need: Need) -> None:
+        _positive(need, self, "window", "min_steps", "max_rollbacks")
+        need(self.min_steps <= self.window, "min_steps", f"must be <= guard.window={self.window}, got {self.min_steps}")
+        _positive(need, self, "loss_zscore", "grad_norm_factor", "lr_factor")
+        need(self.skip_batches >= 0 and self.lr_steps >= 0, "skip_batches/lr_steps", "must be >= 0")
 
 
 @dataclass
 class FaultsConfig:
     """Fault drills for tests and rehearsals; all off unless set. Each fires once per run (a marker in
-    the run directory remembers it), so the restarted run gets past it."""
+    the run directory remembers it), so the restarted run gets past it. Steps are in [1, train.steps]."""
 
-    crash_at_step: int | None = None  # crash `crash_rank` right after this step's update
+    crash_at_step: int | None = None
+    """Crash `crash_rank` right after this step's update."""
     crash_rank: int = 0
-    crash_mode: Literal["exception", "exit"] = "exception"  # exit = os._exit, no cleanup (like a segfault)
-    crash_after_report_at_step: int | None = None  # hard exit right after reporting this step's checkpoint
-    kill_during_save_at_step: int | None = None  # crash_rank dies mid-checkpoint: the others' files land
-    spike_at_step: int | None = None  # multiply the loss (and so the gradients) by spike_factor
+    crash_mode: Literal["exception", "exit"] = "exception"
+    """exit = os._exit, no cleanup (like a segfault)."""
+    crash_after_report_at_step: int | None = None
+    """Hard exit right after reporting this step's checkpoint (a checkpoint step)."""
+    kill_during_save_at_step: int | None = None
+    """crash_rank dies mid-checkpoint: the others' files land (a checkpoint step)."""
+    spike_at_step: int | None = None
+    """Multiply the loss (and so the gradients) by spike_factor."""
     spike_factor: float = 50.0
-    nan_at_step: int | None = None  # make the loss NaN
-    # Every rank sleeps this long after this step (once): a window to kill a worker from outside in a rehearsal.
+    nan_at_step: int | None = None
+    """Make the loss NaN."""
     pause_at_step: int | None = None
+    """Every rank sleeps pause_seconds after this step (once): a window to kill a worker from outside."""
     pause_seconds: float = 30.0
-    # GRPO: kill engine actor 0 just before this step's rollout (once); the rollout must go on on its replacement.
     kill_engine_at_step: int | None = None
+    """GRPO: kill engine actor 0 just before this step's rollout (once); the rollout must go on on its
+    replacement."""
+
+    # No check of its own: every drill is checked against train (steps, ranks, checkpoints) in _cross_check.
 
 
+FAULT_STEPS = ("crash_at_step", "crash_after_report_at_step", "kill_during_save_at_step", "spike_at_step",
+               "nan_at_step", "pause_at_step", "kill_engine_at_step")
 POST_TRAINING = ("sft", "dpo", "grpo")
+
+
+def _meta(default_factory: Callable[[], Any] | None = None, **kw: Any) -> Any:
+    """A field that describes the config (where it came from) but is not part of it: not a YAML key, not in
+    to_dict() or hash(), not compared."""
+    if default_factory is not None:
+        kw["default_factory"] = default_factory
+    return field(compare=False, repr=False, metadata={"meta": True}, **kw)
+
+
+def _keys(cls: type) -> list[str]:
+    """The YAML keys of a config dataclass (its fields, less the meta fields)."""
+    return [f.name for f in dataclasses.fields(cls) if not f.metadata.get("meta")]
 
 
 @dataclass
@@ -284,8 +441,13 @@ class Config:
     sft: SFTConfig = field(default_factory=SFTConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
-    # Where the values came from, for error messages; not part of the config itself.
-    origin: str = field(default="<defaults>", compare=False, repr=False)
+    origin: str = _meta(default="<defaults>")
+    """Where the values came from, for error messages."""
+    explicit: set[str] = _meta(default_factory=set)
+    """Dotted keys the user gave (in the YAML, an override or a dict), e.g. "model.hidden_size"; the others hold
+    their defaults (or, after adopt_model, the base model's values)."""
+    model_from: str | None = _meta(default=None)
+    """After adopt_model: the model section came from this base model (e.g. "sft.init_from='runs/tiny'")."""
 
     def vocab_size(self) -> int:
         if self.model.vocab_size is not None:
@@ -302,16 +464,85 @@ class Config:
         modes = [m for m in POST_TRAINING if getattr(self, m).data is not None]
         return modes[0] if modes else None
 
+    def adopt_model(self, hf: dict[str, Any], source_key: str) -> None:
+        """Take the model section from a base model's Hugging Face config.json `hf` (llama or smollm3), the model
+        named by the config key `source_key` (e.g. "sft.init_from"), then validate again.
+
+        Model keys the user set explicitly must agree with the base model (ConfigError naming the key, both
+        values, the origin and source_key); the others take the base model's values. attn_implementation (a
+        runtime choice) is kept, as is any key the base's config cannot express exactly.
+        """
+        source = _describe_key(self, source_key)
+        shape = hf_model_shape(hf, f"{self.origin}: {source}")
+        m = self.model
+        wrong = [f"model.{k}: config {getattr(m, k)!r} vs model {v!r}" for k, v in shape.items()
+                 if f"model.{k}" in self.explicit and getattr(m, k) is not None and getattr(m, k) != v]
+        if wrong:
+            raise ConfigError(f"{self.origin}: {source} does not have the config's model shape ({'; '.join(wrong)}); "
+                              f"remove the model section (post-training takes the shape from {source_key}) or make "
+                              "it agree")
+        for k, v in shape.items():
+            setattr(m, k, v)
+        self.model_from = source
+        validate(self)
+
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d.pop("origin")
-        return d
+        return {k: dataclasses.asdict(getattr(self, k)) for k in _keys(Config)}
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def hash(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _describe_key(cfg: Config, key: str) -> str:
+    """`key=value` for a dotted config key (just `key` when it names no value)."""
+    obj: Any = cfg
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(obj) or part not in _keys(type(obj)):
+            return key
+        obj = getattr(obj, part)
+    return f"{key}={obj!r}"
+
+
+def hf_model_shape(hf: dict[str, Any], what: str = "the base model") -> dict[str, Any]:
+    """The model-section values of a Hugging Face config.json (the reverse of raysmol.model.hf_config).
+
+    Keys the file leaves out take the model type's defaults (transformers fills them in). Only keys with an
+    exact counterpart are returned: nope_every only when the NoPE layers are every k-th one (or none).
+    """
+    kind = hf.get("model_type")
+    if kind not in ("llama", "smollm3"):
+        raise ConfigError(f"{what} is a {kind!r} model; raysmol's model section describes llama and smollm3 models")
+    import transformers
+
+    full = transformers.AutoConfig.for_model(kind, **{k: v for k, v in hf.items() if k != "model_type"}).to_dict()
+    rope = {**(full.get("rope_scaling") or {}), **(full.get("rope_parameters") or {})}
+    shape: dict[str, Any] = {
+        "arch": kind,
+        "hidden_size": full.get("hidden_size"),
+        "num_layers": full.get("num_hidden_layers"),
+        "num_heads": full.get("num_attention_heads"),
+        "num_kv_heads": full.get("num_key_value_heads") or full.get("num_attention_heads"),
+        "intermediate_size": full.get("intermediate_size"),
+        "max_position_embeddings": full.get("max_position_embeddings"),
+        "rope_theta": full.get("rope_theta") or rope.get("rope_theta"),
+        "tie_embeddings": full.get("tie_word_embeddings"),
+        "vocab_size": full.get("vocab_size"),
+        "rms_norm_eps": full.get("rms_norm_eps"),
+        "init_std": full.get("initializer_range"),
+        "nope_every": 0 if kind == "llama" else _nope_every(full.get("no_rope_layers"), full.get("num_hidden_layers")),
+    }
+    hints = typing.get_type_hints(ModelConfig)
+    return {k: _convert(hints[k], v, f"model.{k}", what) for k, v in shape.items() if v is not None}
+
+
+def _nope_every(layers: list[int] | None, n: int | None) -> int | None:
+    """k when exactly every k-th layer (1-based) has no RoPE, 0 when none, None when another pattern."""
+    if not isinstance(layers, list) or len(layers) != n:
+        return None
+    return next((k for k in range(n + 1) if layers == [int(k == 0 or (i + 1) % k != 0) for i in range(n)]), None)
 
 
 # ---------------------------------------------------------------- loading
@@ -332,10 +563,13 @@ def read_yaml_mapping(path: str | Path, what: str = "config", error: type[Config
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a YAML file (default: the embedded `jobs/tiny.yaml`), apply `key.sub=value` overrides, validate."""
+    """Read a YAML file (default: the embedded `raysmol/jobs/tiny.yaml`), apply `key.sub=value` overrides,
+    validate."""
     path = Path(path) if path is not None else DEFAULT_CONFIG
     raw = read_yaml_mapping(path)
-    cfg = _build(Config, raw, "", str(path))
+    explicit: set[str] = set()
+    cfg = build_section(Config, raw, "", str(path), explicit)
+    cfg.explicit = explicit
     for item in overrides:
         apply_override(cfg, item)
     cfg.origin = str(path)
@@ -344,14 +578,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 def from_dict(raw: dict[str, Any], origin: str = "<dict>") -> Config:
-    cfg = _build(Config, raw, "", origin)
+    """A config from a mapping (every key given counts as explicit), validated."""
+    explicit: set[str] = set()
+    cfg = build_section(Config, raw, "", origin, explicit)
+    cfg.explicit = explicit
     cfg.origin = origin
     validate(cfg)
     return cfg
 
 
 def apply_override(cfg: Config, item: str) -> None:
-    """Apply one `a.b.c=value` (list items by index: `data.sources.0.weight=0.5`)."""
+    """Apply one `a.b.c=value` (list items by index: `data.sources.0.weight=0.5`); the key becomes explicit."""
     where = "command line"
     if "=" not in item:
         raise ConfigError(f"{where}: override {item!r} must look like key.sub=value")
@@ -366,20 +603,22 @@ def apply_override(cfg: Config, item: str) -> None:
         obj = _child(obj, part, ".".join(parts[: i + 1]), where)
     last = parts[-1]
     full = key.strip()
+    given = {full}
     if isinstance(obj, list):
         idx = _index(obj, last, full, where)
-        obj[idx] = _build(type(obj[idx]), value, full, where)
-        return
-    hints = typing.get_type_hints(type(obj))
-    if last not in hints or last == "origin":
-        raise ConfigError(_unknown(full, type(obj), where))
-    setattr(obj, last, _convert(hints[last], value, full, where))
+        obj[idx] = build_section(type(obj[idx]), value, full, where, given)
+    else:
+        hints = typing.get_type_hints(type(obj))
+        if last not in _keys(type(obj)):
+            raise ConfigError(_unknown(full, type(obj), where))
+        setattr(obj, last, _convert(hints[last], value, full, where, given))
+    cfg.explicit |= given
 
 
 def _child(obj: Any, part: str, key: str, where: str) -> Any:
     if isinstance(obj, list):
         return obj[_index(obj, part, key, where)]
-    if not dataclasses.is_dataclass(obj) or part not in {f.name for f in dataclasses.fields(obj)} or part == "origin":
+    if not dataclasses.is_dataclass(obj) or part not in _keys(type(obj)):
         raise ConfigError(_unknown(key, type(obj), where))
     return getattr(obj, part)
 
@@ -391,32 +630,37 @@ def _index(lst: list, part: str, key: str, where: str) -> int:
 
 
 def _unknown(key: str, cls: type, where: str) -> str:
-    valid = ", ".join(f.name for f in dataclasses.fields(cls) if f.name != "origin")
-    return f"{where}: unknown key {key!r}; valid keys here: {valid}"
+    return f"{where}: unknown key {key!r}; valid keys here: {', '.join(_keys(cls))}"
 
 
-def _build(cls: type, raw: Any, prefix: str, where: str) -> Any:
+def build_section(cls: type, raw: Any, prefix: str, where: str, explicit: set[str] | None = None) -> Any:
+    """A config dataclass `cls` from a mapping: unknown keys and wrong types are ConfigErrors naming `where` and
+    the dotted key (`prefix` + key). The dotted keys given are added to `explicit` when one is passed."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: {prefix or '<top>'}: expected a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)} - {"origin"}
+    names = _keys(cls)
     kwargs = {}
     for key, value in raw.items():
         full = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
             raise ConfigError(_unknown(full, cls, where))
-        kwargs[key] = _convert(hints[key], value, full, where)
+        kwargs[key] = _convert(hints[key], value, full, where, explicit)
+        if explicit is not None:
+            explicit.add(full)
     return cls(**kwargs)
 
 
-def _convert(tp: Any, value: Any, key: str, where: str) -> Any:
+
+
+def _convert(tp: Any, value: Any, key: str, where: str, explicit: set[str] | None = None) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _convert(inner[0], value, key, where)
+        return _convert(inner[0], value, key, where, explicit)
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{where}: {key}: {value!r} is not one of {', '.join(map(repr, args))}")
@@ -424,9 +668,9 @@ def _convert(tp: Any, value: Any, key: str, where: str) -> Any:
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: {key}: expected a list, got {value!r}")
-        return [_convert(args[0], v, f"{key}.{i}", where) for i, v in enumerate(value)]
+        return [_convert(args[0], v, f"{key}.{i}", where, explicit) for i, v in enumerate(value)]
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key, where)
+        return build_section(tp, value, key, where, explicit)
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: {key}: expected true or false, got {value!r}")
@@ -456,121 +700,65 @@ def _convert(tp: Any, value: Any, key: str, where: str) -> Any:
 
 
 def validate(cfg: Config) -> None:
-    """Impossible values are errors that say which key and what would be valid."""
-    w = cfg.origin
-    m, t, o, d = cfg.model, cfg.train, cfg.optim, cfg.data
+    """Impossible values are errors that say which key and what would be valid: each section's own fields
+    first (its `check`), then the rules between sections."""
+    for name in _keys(Config):
+        section = getattr(cfg, name)
+        if hasattr(section, "check"):
+            section.check(_need(cfg.origin, f"{name}."))
+    _cross_check(cfg, _need(cfg.origin))
 
+
+def _need(where: str, prefix: str = "") -> Need:
     def need(ok: bool, key: str, msg: str) -> None:
         if not ok:
-            raise ConfigError(f"{w}: {key}: {msg}")
+            raise ConfigError(f"{where}: {prefix}{key}: {msg}")
 
-    for key in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "max_position_embeddings"):
-        need(getattr(m, key) > 0, f"model.{key}", f"must be positive, got {getattr(m, key)}")
-    need(m.hidden_size % m.num_heads == 0, "model.num_heads",
-         f"hidden_size {m.hidden_size} must be divisible by num_heads {m.num_heads}")
-    need(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads",
-         f"num_heads {m.num_heads} must be divisible by num_kv_heads {m.num_kv_heads} (1 = MQA, num_heads = MHA)")
-    need(m.nope_every >= 0, "model.nope_every", f"must be >= 0, got {m.nope_every}")
-    need(m.nope_every == 0 or m.arch == "smollm3", "model.nope_every",
-         "NoPE layers need model.arch: smollm3")
-    need(m.rope_theta > 0, "model.rope_theta", f"must be positive, got {m.rope_theta}")
-    need(m.vocab_size is None or m.vocab_size > 0, "model.vocab_size", f"must be positive, got {m.vocab_size}")
-    need(cfg.tokenizer.vocab_size >= 256 + 1, "tokenizer.vocab_size",
-         f"a byte-level BPE needs at least 257 entries, got {cfg.tokenizer.vocab_size}")
+    return need
 
-    for key in ("steps", "global_batch_tokens", "micro_batch_size", "seq_len", "num_workers",
-                "log_every", "checkpoint_every", "keep_checkpoints", "eval_batches", "cpu_threads_per_worker"):
-        need(getattr(t, key) > 0, f"train.{key}", f"must be positive, got {getattr(t, key)}")
-    need(t.eval_every >= 0, "train.eval_every", f"must be >= 0, got {t.eval_every}")
-    need(t.eval_suite_samples > 0, "train.eval_suite_samples", f"must be positive, got {t.eval_suite_samples}")
-    need(t.eval_suite is None or os.path.isfile(t.eval_suite), "train.eval_suite",
-         f"no such suite file {t.eval_suite!r} (e.g. eval/suites/tiny.yaml)")
-    need(t.zero_stage in (0, 1, 2, 3), "train.zero_stage", f"must be 0, 1, 2 or 3, got {t.zero_stage}")
-    need(t.seq_len <= m.max_position_embeddings, "train.seq_len",
-         f"{t.seq_len} exceeds what the model can hold (model.max_position_embeddings={m.max_position_embeddings})")
-    need(not (t.precision == "bf16" and not t.use_gpu), "train.precision", "bf16 needs train.use_gpu: true; use auto or fp32")
-    per_worker = t.micro_batch_size * t.seq_len * t.num_workers
-    need(t.global_batch_tokens % per_worker == 0, "train.global_batch_tokens",
+
+def _cross_check(cfg: Config, need: Need) -> None:
+    """Rules that relate sections (keys are full dotted names here)."""
+    m, t, f, r = cfg.model, cfg.train, cfg.faults, cfg.grpo
+    modes = [x for x in POST_TRAINING if getattr(cfg, x).data is not None]
+    # Post-training takes the model's shape from init_from (adopt_model): until then only explicit keys are known.
+    if not modes or cfg.model_from or "model.max_position_embeddings" in cfg.explicit:
+        need(t.seq_len <= m.max_position_embeddings, "train.seq_len",
+             f"{t.seq_len} exceeds what the model can hold (model.max_position_embeddings={m.max_position_embeddings})")
+    per_worker = t.tokens_per_pass(t.num_workers)
+    need(t.splits_over(t.num_workers), "train.global_batch_tokens",
          f"{t.global_batch_tokens} is not a multiple of micro_batch_size*seq_len*num_workers = {per_worker}; "
          f"nearest valid: {max(per_worker, round(t.global_batch_tokens / per_worker) * per_worker)}")
     if t.min_workers is not None:
-        need(1 <= t.min_workers <= t.num_workers, "train.min_workers",
-             f"must be in [1, train.num_workers={t.num_workers}], got {t.min_workers}")
-        bad = [w for w in range(t.min_workers, t.num_workers + 1)
-               if t.global_batch_tokens % (t.micro_batch_size * t.seq_len * w)]
+        bad = [w for w in range(t.min_workers, t.num_workers + 1) if not t.splits_over(w)]
         need(not bad, "train.min_workers", f"train.global_batch_tokens={t.global_batch_tokens} does not split over "
              f"{bad} workers x micro_batch_size x seq_len; every size in [min_workers, num_workers] must divide it")
-    need(t.max_failures >= 0, "train.max_failures", f"must be >= 0, got {t.max_failures}")
-    need(not (t.liger and not t.use_gpu), "train.liger", "Liger kernels are Triton GPU kernels: needs train.use_gpu: true")
     need(not (m.attn_implementation.startswith("flash_attention") and not t.use_gpu), "model.attn_implementation",
          f"{m.attn_implementation} needs train.use_gpu: true; on CPUs use auto, sdpa, eager or varlen")
     need(not (m.attn_implementation == "varlen" and t.use_gpu and t.precision == "fp32"), "model.attn_implementation",
          "varlen runs flash kernels, which need bf16 on GPUs: set train.precision: bf16 (or auto) or use sdpa")
-    modes = [m for m in POST_TRAINING if getattr(cfg, m).data is not None]
     need(len(modes) <= 1, f"{modes[-1]}.data" if modes else "sft.data",
-         f"{' and '.join(m + '.data' for m in modes)} are all set; a run does one kind of post-training")
-    for m in modes:
-        s = getattr(cfg, m)
-        need(s.init_from is not None, f"{m}.init_from", f"{m} starts from a model: set it to a Hugging Face folder "
-             "or a run directory")
-        vf = getattr(s, "val_fraction", 0)
-        need(0 <= vf < 1, f"{m}.val_fraction", f"must be in [0, 1), got {vf}")
-    need(cfg.dpo.beta > 0, "dpo.beta", f"must be positive, got {cfg.dpo.beta}")
-    r = cfg.grpo
+         f"{' and '.join(x + '.data' for x in modes)} are all set; a run does one kind of post-training")
+    need(bool(cfg.data.sources) or bool(modes), "data.sources",
+         "at least one source is needed (or sft.data, dpo.data or grpo.data, for post-training)")
     if r.data is not None:
-        need(r.group_size >= 2, "grpo.group_size", f"a group needs >= 2 completions to normalise, got {r.group_size}")
         need(r.prompts_per_step * r.group_size * t.seq_len == t.global_batch_tokens, "grpo.prompts_per_step",
              f"prompts_per_step x group_size x train.seq_len = {r.prompts_per_step} x {r.group_size} x {t.seq_len} "
              f"must equal train.global_batch_tokens={t.global_batch_tokens} (one row per completion)")
         need(r.prompts_per_step % t.num_workers == 0, "grpo.prompts_per_step",
-             f"{r.prompts_per_step} prompts do not split over train.num_workers={t.num_workers} (a group stays on one rank)")
+             f"{r.prompts_per_step} prompts do not split over train.num_workers={t.num_workers} "
+             "(a group stays on one rank)")
         need(t.min_workers is None or t.min_workers == t.num_workers, "train.min_workers",
              "GRPO runs at a fixed world size (groups are split over ranks)")
         need(0 < r.max_new_tokens < t.seq_len, "grpo.max_new_tokens", f"must be in (0, train.seq_len={t.seq_len})")
-        need(r.temperature > 0, "grpo.temperature", f"sampling needs a positive temperature, got {r.temperature}")
-        need(0 < r.top_p <= 1, "grpo.top_p", f"must be in (0, 1], got {r.top_p}")
-        need(r.clip > 0, "grpo.clip", f"must be positive, got {r.clip}")
-        need(r.kl_beta >= 0, "grpo.kl_beta", f"must be >= 0, got {r.kl_beta}")
-        need(r.num_engines >= 1, "grpo.num_engines", f"must be >= 1, got {r.num_engines}")
-        need(r.reward_cpus >= 0, "grpo.reward_cpus", f"must be >= 0, got {r.reward_cpus}")
-        need(r.reward_tasks >= 1, "grpo.reward_tasks", f"must be >= 1, got {r.reward_tasks}")
-        need(r.rollout_timeout_s > 0 and r.sync_timeout_s > 0, "grpo.rollout_timeout_s/sync_timeout_s", "must be positive")
-        need(r.eval_prompts >= 0, "grpo.eval_prompts", f"must be >= 0, got {r.eval_prompts}")
-    g = cfg.guard
-    for key in ("window", "min_steps", "max_rollbacks"):
-        need(getattr(g, key) > 0, f"guard.{key}", f"must be positive, got {getattr(g, key)}")
-    need(g.min_steps <= g.window, "guard.min_steps", f"must be <= guard.window={g.window}, got {g.min_steps}")
-    for key in ("loss_zscore", "grad_norm_factor", "lr_factor"):
-        need(getattr(g, key) > 0, f"guard.{key}", f"must be positive, got {getattr(g, key)}")
-    need(g.skip_batches >= 0 and g.lr_steps >= 0, "guard.skip_batches/lr_steps", "must be >= 0")
-    f = cfg.faults
-    need(0 <= f.crash_rank < t.num_workers, "faults.crash_rank", f"must be a rank in [0, {t.num_workers}), got {f.crash_rank}")
-    for key in ("crash_at_step", "crash_after_report_at_step", "kill_during_save_at_step", "spike_at_step", "nan_at_step",
-                "pause_at_step", "kill_engine_at_step"):
+    need(0 <= f.crash_rank < t.num_workers, "faults.crash_rank",
+         f"must be a rank in [0, {t.num_workers}), got {f.crash_rank}")
+    for key in FAULT_STEPS:
         v = getattr(f, key)
         need(v is None or 1 <= v <= t.steps, f"faults.{key}", f"must be a step in [1, train.steps={t.steps}], got {v}")
     for key in ("crash_after_report_at_step", "kill_during_save_at_step"):
         v = getattr(f, key)
         need(v is None or v % t.checkpoint_every == 0 or v == t.steps, f"faults.{key}",
              f"step {v} saves no checkpoint (train.checkpoint_every={t.checkpoint_every})")
-    need(t.peak_flops is None or t.peak_flops > 0, "train.peak_flops", f"must be positive, got {t.peak_flops}")
-
-    need(o.lr > 0, "optim.lr", f"must be positive, got {o.lr}")
-    need(0 <= o.warmup_steps < t.steps, "optim.warmup_steps", f"must be in [0, train.steps={t.steps}), got {o.warmup_steps}")
-    need(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
-    need(0 < o.decay_fraction <= 1, "optim.decay_fraction", f"must be in (0, 1], got {o.decay_fraction}")
-    need(o.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0 = off), got {o.grad_clip}")
-    need(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1/beta2", "must be in [0, 1)")
-
-    need(len(d.sources) > 0 or bool(modes), "data.sources",
-         "at least one source is needed (or sft.data, dpo.data or grpo.data, for post-training)")
-    names = set()
-    for i, s in enumerate(d.sources):
-        k = f"data.sources.{i}"
-        need(bool(s.name), f"{k}.name", "every source needs a name")
-        need(s.name not in names, f"{k}.name", f"duplicate source name {s.name!r}")
-        names.add(s.name)
-        need(bool(s.path), f"{k}.path", f"source {s.name!r} needs a path")
-        need(s.weight >= 0, f"{k}.weight", f"source {s.name!r} has a negative weight {s.weight}; weights must be >= 0")
-    need(not d.sources or sum(s.weight for s in d.sources) > 0, "data.sources.*.weight", "weights sum to zero; at least one must be > 0")
-    need(0 <= d.val_fraction < 0.5, "data.val_fraction", f"must be in [0, 0.5), got {d.val_fraction}")
+    need(0 <= cfg.optim.warmup_steps < t.steps, "optim.warmup_steps",
+         f"must be in [0, train.steps={t.steps}), got {cfg.optim.warmup_steps}")

@@ -114,3 +114,49 @@ def test_elastic_sizes_must_all_split_the_global_batch():
         load_config(None, ["train.min_workers=2", "train.num_workers=4", "train.micro_batch_size=4"])
     with pytest.raises(ConfigError, match="train.min_workers: must be in"):
         load_config(None, ["train.min_workers=3"])
+
+
+def test_the_default_job_ships_inside_the_package():
+    import raysmol
+    from raysmol.config import DEFAULT_CONFIG
+
+    assert DEFAULT_CONFIG.parent.parent == Path(raysmol.__file__).resolve().parent and DEFAULT_CONFIG.is_file()
+    assert load_config().origin == str(DEFAULT_CONFIG)
+    # jobs/tiny.yaml (what the README, ablation baselines and `raysmol submit` name) is the same file.
+    assert DEFAULT_CONFIG.resolve() == (ROOT / "jobs" / "tiny.yaml").resolve()
+
+
+@pytest.mark.parametrize("micro, seq, tokens", [(8, 128, 2048), (4, 128, 3 * 1024), (3, 64, 4608), (2, 32, 1000)])
+def test_the_global_batch_rule_is_the_same_for_grad_accum_and_validation(micro, seq, tokens):
+    from raysmol.config import TrainConfig
+
+    t = TrainConfig(micro_batch_size=micro, seq_len=seq, global_batch_tokens=tokens)
+    for world in range(1, 7):
+        sets = [f"train.micro_batch_size={micro}", f"train.seq_len={seq}", f"train.global_batch_tokens={tokens}",
+                f"train.num_workers={world}", "train.eval_every=0"]
+        if t.splits_over(world):
+            assert t.grad_accum(world) * t.tokens_per_pass(world) == tokens
+            assert load_config(None, sets).train.grad_accum(world) == t.grad_accum(world)
+        else:
+            with pytest.raises(ConfigError, match="not a multiple"):
+                t.grad_accum(world)
+            with pytest.raises(ConfigError, match="train.global_batch_tokens: .* is not a multiple"):
+                load_config(None, sets)
+
+
+def test_post_training_checks_the_model_shape_once_it_is_known():
+    # sft_1b's 4096-token rows exceed the default model's 2048 positions: its shape comes from init_from later.
+    cfg = load_config(ROOT / "jobs" / "sft_1b.yaml")
+    assert cfg.train.seq_len == 4096 and cfg.model_from is None
+    with pytest.raises(ConfigError, match="train.seq_len: 4096 exceeds"):  # a key set by the user is checked now
+        load_config(ROOT / "jobs" / "sft_1b.yaml", ["model.max_position_embeddings=2048"])
+
+
+def test_sections_check_their_own_fields_and_name_the_full_key():
+    from raysmol.config import ModelConfig
+
+    seen = []
+    ModelConfig(num_heads=3).check(lambda ok, key, msg: seen.append(key) if not ok else None)
+    assert seen == ["num_heads", "num_kv_heads"]  # relative to the section; validate() adds "model." and the origin
+    with pytest.raises(ConfigError, match=r"tiny\.yaml: guard\.min_steps: must be <= guard\.window=5, got 20$"):
+        load_config(None, ["guard.window=5"])

@@ -17,7 +17,7 @@ from conftest import small_config
 from raysmol.config import ConfigError
 from raysmol.post.chat import ChatError
 from raysmol.post.preference import builtin_pairs, pair_conversations, pair_rows, read_pairs
-from raysmol.recipes import run
+from raysmol import recipes
 from raysmol.post.dpo import dpo
 from raysmol.train.objectives import IGNORE
 
@@ -95,7 +95,7 @@ def dpo_config(tmp_path, small_data, base, **over):
 
 
 def test_dpo_run_starts_at_log2_and_raises_the_margin(ray_local, small_data, base, tmp_path):
-    summary = run("dpo", dpo_config(tmp_path, small_data, base), show_progress=False)
+    summary = recipes.run("dpo", dpo_config(tmp_path, small_data, base), show_progress=False)
     assert summary["dpo"]["pairs"] + summary["dpo"]["val_pairs"] == 400 and summary["dpo"]["dropped"] == 0
     # Policy == reference at step 0: every implicit reward is 0 and the loss is exactly log 2.
     assert summary["initial_val_loss"] == pytest.approx(math.log(2), abs=1e-5)
@@ -109,6 +109,17 @@ def test_dpo_run_starts_at_log2_and_raises_the_margin(ray_local, small_data, bas
     train = [r for r in rows if "reward_margin" in r]
     assert np.mean([r["reward_margin"] for r in train[-4:]]) > np.mean([r["reward_margin"] for r in train[:4]])
     assert transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "runs" / "t" / "hf") is not None
+
+
+def test_an_apo_run_lowers_held_out_loss(ray_local, small_data, base, tmp_path):
+    """dpo.loss picks the objective; nothing else changes. APO-zero (SmolLM3's) starts at exactly 1 (policy ==
+    reference: 1 - sigmoid(0) + sigmoid(0)) and training lowers it on held-out pairs while the margin grows."""
+    summary = recipes.run("dpo", dpo_config(tmp_path, small_data, base, **{"dpo.loss": "apo_zero"}),
+                          show_progress=False)
+    assert summary["initial_val_loss"] == pytest.approx(1.0, abs=1e-5)
+    assert summary["final_val_loss"] < 1.0 - 0.05
+    rows = [json.loads(line) for line in (tmp_path / "runs" / "t" / "metrics.jsonl").read_text().splitlines()]
+    assert [r for r in rows if "val_reward_margin" in r][-1]["val_reward_margin"] > 0.2
 
 
 def test_post_training_modes_are_exclusive_and_dpo_needs_a_model(small_data, tmp_path):

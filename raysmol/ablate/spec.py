@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from raysmol.config import (Config, ConfigError, _build, apply_override, from_dict, load_config, read_yaml_mapping,
-                            validate)
+from raysmol.config import (Config, ConfigError, apply_override, build_section, from_dict, load_config,
+                            read_yaml_mapping, validate)
 
 BASELINE = "baseline"
 
@@ -266,7 +266,7 @@ def _variant(raw: Any, i: int, where: str) -> Variant:
         if k not in valid:
             raise ConfigError(f"{where}: unknown key 'variants.{i}.{k}'; valid keys here: {', '.join(valid)}")
     changes = _mapping(raw.get("changes", {}), f"variants.{i}.changes", where)
-    v = _build(_VariantFields, {k: x for k, x in raw.items() if k != "changes"}, f"variants.{i}", where)
+    v = build_section(_VariantFields, {k: x for k, x in raw.items() if k != "changes"}, f"variants.{i}", where)
     v = Variant(v.name, v.reason, changes, v.bundle)
     if not v.name:
         raise ConfigError(f"{where}: variants.{i}: needs a name")
@@ -286,7 +286,7 @@ class _VariantFields:
 
 def _section(cls: type, raw: Any, key: str, where: str):
     """A typed section through raysmol's config builder: unknown keys and wrong types name file and key."""
-    return cls() if raw is None else _build(cls, raw, key, where)
+    return cls() if raw is None else build_section(cls, raw, key, where)
 
 
 def _mapping(value: Any, key: str, where: str) -> dict[str, Any]:

@@ -40,7 +40,7 @@ from typing import Any, Literal
 
 
 from raysmol.config import ConfigError, read_yaml_mapping
-from raysmol.config import _build as build_section
+from raysmol.config import build_section
 from raysmol.model.folder import ModelFolderError, resolve_model
 from raysmol.train.hooks import Hook
 

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from raysmol import storage
-from raysmol.config import Config, ConfigError
+from raysmol.config import Config
 from raysmol.data.tokenizer import tokenizer_for
-from raysmol.model import hf_config, load_model
+from raysmol.model import load_model
 from raysmol.model.folder import resolve_model
 from raysmol.post.chat import chat_tokenizer
 from raysmol.train.hooks import Context
@@ -31,7 +30,7 @@ class PostTask(Task):
         # The URI, not the driver's copy: tasks and workers on other nodes fetch their own (storage.model_folder).
         self.init_uri = init_from if storage.is_remote(init_from) else str(self.base)
         cfg.tokenizer.name = str(self.base)
-        _check_shape(cfg, self.base, f"{self.verb}.init_from")
+        cfg.adopt_model(json.loads((self.base / "config.json").read_text()), f"{self.verb}.init_from")
         tok = tokenizer_for(cfg)
         check_vocab(cfg, tok)
         self.tokenizer, chat_dir = chat_tokenizer(tok.hf_dir)
@@ -51,14 +50,3 @@ class PostTask(Task):
     def __getstate__(self):
         # The driver's tokenizer object stays there: workers that need one load it themselves.
         return {k: v for k, v in self.__dict__.items() if k != "tokenizer"}
-
-
-def _check_shape(cfg: Config, base: Path, key: str) -> None:
-    have = json.loads((base / "config.json").read_text())
-    want = hf_config(cfg, have.get("eos_token_id") or 0).to_dict()
-    keys = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "vocab_size", "tie_word_embeddings")
-    diff = [f"{k}: config {want.get(k)!r} vs model {have.get(k)!r}" for k in keys if want.get(k) != have.get(k)]
-    if diff:
-        raise ConfigError(f"{cfg.origin}: {key}={getattr(cfg, key.split('.')[0]).init_from!r} does not have the "
-                          f"config's model shape ({'; '.join(diff)}); set the model section to the base model's")
