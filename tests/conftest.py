@@ -1,146 +1,41 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures (helpers live in support.py)."""
 
 from __future__ import annotations
 
-# --- S3-compatible server on loopback ---------------------------------------------------------
-# `s3_server` (session scope) runs a real `moto_server` subprocess on 127.0.0.1 and points the
-# standard AWS environment at it, so pyarrow.fs / Ray / subprocesses all reach the same server.
-
 import json
 import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-_S3_HOST = "127.0.0.1"
-_S3_START_TIMEOUT_S = 30.0
-_S3_CREDENTIALS = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
-# Variables that would override or slow down the test setup (another endpoint, profile lookup,
-# EC2 instance metadata probing).
-_S3_UNSET = ("AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_REGION")
+from support import (
+    S3Server,
+    make_docs,
+    make_hf_model,
+    s3_environment,
+    small_config,
+    start_moto_server,
+    stop_process,
+    write_docs,
+)
 
-
-@dataclass
-class S3Server:
-    """A running moto S3 server; `endpoint` is its http://127.0.0.1:PORT URL."""
-
-    endpoint: str
-    process: subprocess.Popen
-
-    def bucket(self, name: str) -> str:
-        """Create bucket `name` (fine if it exists) and return ``"s3://name"``."""
-        import pyarrow.fs as pafs
-
-        fs = pafs.S3FileSystem(
-            endpoint_override=self.endpoint,
-            access_key=_S3_CREDENTIALS["AWS_ACCESS_KEY_ID"],
-            secret_key=_S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
-            region=_S3_CREDENTIALS["AWS_DEFAULT_REGION"],
-            allow_bucket_creation=True,
-        )
-        fs.create_dir(name)
-        return f"s3://{name}"
-
-
-def _free_loopback_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((_S3_HOST, 0))
-        return s.getsockname()[1]
-
-
-def _moto_server_executable() -> str:
-    exe = Path(sys.executable).parent / "moto_server"
-    if not exe.exists():
-        pytest.fail(f"moto_server not found next to {sys.executable} (install moto[server])")
-    return str(exe)
-
-
-def _wait_until_up(proc: subprocess.Popen, endpoint: str, log: Path) -> None:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via a proxy
-    deadline = time.monotonic() + _S3_START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(
-                f"moto_server exited with code {proc.returncode} before answering:\n"
-                f"{log.read_text(errors='replace')}"
-            )
-        try:
-            with opener.open(endpoint + "/", timeout=2) as resp:
-                if resp.status < 500:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(
-        f"moto_server at {endpoint} did not answer within {_S3_START_TIMEOUT_S:.0f}s:\n"
-        f"{log.read_text(errors='replace')}"
-    )
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+# --- S3-compatible server on loopback ---------------------------------------------------------
+# `s3_server` (session scope) runs a real `moto_server` subprocess on 127.0.0.1 and points the
+# standard AWS environment at it, so pyarrow.fs / Ray / subprocesses all reach the same server.
 
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     """A moto S3 server on 127.0.0.1:<free port>, with AWS_ENDPOINT_URL and test credentials set in
     os.environ for the whole session (restored afterwards)."""
-    exe = _moto_server_executable()
-    log_dir = tmp_path_factory.mktemp("moto_server")
-    proc: subprocess.Popen | None = None
-    for attempt in range(3):  # the free port can be taken between probing and binding
-        port = _free_loopback_port()
-        endpoint = f"http://{_S3_HOST}:{port}"
-        log = log_dir / f"moto_server.{attempt}.log"
-        with open(log, "wb") as log_file:
-            proc = subprocess.Popen(
-                [exe, "-H", _S3_HOST, "-p", str(port)],
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-            )
-        try:
-            _wait_until_up(proc, endpoint, log)
-            break
-        except RuntimeError:
-            _stop(proc)
-            if attempt == 2:
-                raise
-        except BaseException:
-            _stop(proc)
-            raise
-    assert proc is not None
+    server = start_moto_server(tmp_path_factory.mktemp("moto_server"))
     try:
         with pytest.MonkeyPatch.context() as mp:
-            for key in _S3_UNSET:
-                mp.delenv(key, raising=False)
-            for key, value in _S3_CREDENTIALS.items():
-                mp.setenv(key, value)
-            mp.setenv("AWS_ENDPOINT_URL", endpoint)
-            mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
-            for key in ("NO_PROXY", "no_proxy"):
-                mp.setenv(key, ",".join(filter(None, [os.environ.get(key), _S3_HOST, "localhost"])))
-            yield S3Server(endpoint=endpoint, process=proc)
+            s3_environment(mp, server.endpoint)
+            yield server
     finally:
-        _stop(proc)
+        stop_process(server.process)
 
 
 # --- end S3-compatible server -----------------------------------------------------------------
@@ -150,10 +45,6 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
 # One local Ray for the whole session (logical CPUs may exceed the 2 physical cores; workers pin torch to one
 # thread each). It starts after the S3 server so that Ray's worker processes inherit the AWS_* environment.
 
-import json
-import random
-
-
 @pytest.fixture(scope="session")
 def ray_local(s3_server):
     import ray
@@ -162,29 +53,6 @@ def ray_local(s3_server):
     ray.init(address="local", num_cpus=4, log_to_driver=False)
     yield ray
     ray.shutdown()
-
-
-_WORDS = ("the model data token train loss learning rate batch layer attention head python code number "
-          "value list function returns small large first second mixture source step check sum").split()
-
-
-def write_docs(path: Path, docs: list[str]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    return path
-
-
-def make_docs(seed: int, n: int, kind: str = "prose") -> list[str]:
-    r = random.Random(seed)
-    if kind == "code":
-        return [f"def f{i}(x):\n    return x * {r.randint(2, 99)} + {r.randint(0, 9)}\n" for i in range(n)]
-    if kind == "math":
-        out = []
-        for _ in range(n):
-            a, b = r.randint(1, 99), r.randint(1, 99)
-            out.append(f"Question: what is {a} plus {b}? Answer: {a} + {b} = {a + b}.")
-        return out
-    return [" ".join(r.choice(_WORDS) for _ in range(r.randint(5, 60))).capitalize() + "." for _ in range(n)]
 
 
 @pytest.fixture(scope="session")
@@ -200,48 +68,6 @@ def small_data(tmp_path_factory) -> dict[str, Path]:
     }
     train_bpe_tokenizer(list(files.values()), 512, root / "tokenizer")
     return {**files, "tokenizer": root / "tokenizer", "root": root}
-
-
-def small_config(tmp_path: Path, small_data: dict[str, Path], overrides: dict | None = None):
-    """A 2-worker run of a tiny Llama on `small_data` that finishes in well under a minute."""
-    from raysmol.config import apply_override, from_dict, validate
-
-    raw = {
-        "run": {"name": "t", "output_dir": str(tmp_path / "runs")},
-        "model": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 128,
-                  "max_position_embeddings": 256, "vocab_size": 512},
-        "tokenizer": {"name": str(small_data["tokenizer"])},
-        "data": {"sources": [{"name": "prose", "path": str(small_data["prose"]), "weight": 0.7},
-                             {"name": "code", "path": str(small_data["code"]), "weight": 0.2},
-                             {"name": "math", "path": str(small_data["math"]), "weight": 0.1}],
-                 "cache_dir": str(small_data["root"] / "cache"), "val_fraction": 0.05},
-        "optim": {"lr": 3e-3, "warmup_steps": 1},
-        "train": {"steps": 6, "global_batch_tokens": 256, "micro_batch_size": 2, "seq_len": 32, "num_workers": 2,
-                  "zero_stage": 2, "checkpoint_every": 3, "eval_batches": 1, "log_every": 1},
-    }
-    cfg = from_dict(raw, origin="test")
-    for k, v in (overrides or {}).items():
-        apply_override(cfg, f"{k}={json.dumps(v)}")
-    validate(cfg)
-    return cfg
-
-
-def make_hf_model(folder: Path, small_data: dict[str, Path], seed: int, cache: Path) -> Path:
-    """A random-init tiny Llama saved with small_data's tokenizer: a servable Hugging Face model folder."""
-    import torch
-    import transformers
-
-    from raysmol.data.tokenizer import resolve_tokenizer
-
-    tok = resolve_tokenizer(str(small_data["tokenizer"]), cache)
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=128, intermediate_size=256,
-                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                   max_position_embeddings=512, tie_word_embeddings=True,
-                                   eos_token_id=tok.eos_id, pad_token_id=tok.eos_id, bos_token_id=None)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
-    transformers.AutoTokenizer.from_pretrained(tok.hf_dir).save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="session")
@@ -262,7 +88,11 @@ def base(small_data, tmp_path_factory) -> Path:
     import transformers
 
     from raysmol.model import build_model
-    from raysmol.data.tokenizer import tokenizer_for
+
+    try:
+        from raysmol.data.tokenizer import tokenizer_for
+    except ImportError:  # before tokenizer_for moved out of raysmol.train.launch
+        from raysmol.train.launch import tokenizer_for
 
     tmp = tmp_path_factory.mktemp("post_base")
     cfg = small_config(tmp, small_data)
@@ -271,3 +101,54 @@ def base(small_data, tmp_path_factory) -> Path:
     build_model(cfg, tok.eos_id, seed=5).save_pretrained(folder)
     transformers.AutoTokenizer.from_pretrained(tok.hf_dir).save_pretrained(folder)
     return folder
+
+
+# --- Test tiers -------------------------------------------------------------------------------
+# `pytest` runs the fast tier: unit tests plus one short end-to-end run (the shared 2-worker ZeRO-2 pretraining run
+# through Ray Train + DeepSpeed of test_train.py). `pytest --all` runs everything (what .ci/run does).
+# A test belongs to the full tier only ("e2e", added here as a marker) when it uses a fixture that starts Ray or
+# builds models, or is marked `slow` (unit tests over ~10 s on 2 cores are); a `fast` marker keeps it (the one
+# end-to-end run of the fast tier: test_train.py's shared ZeRO-2 run).
+# An explicit `-m` expression, or a test file or test named on the command line, turns the tier filter off.
+
+# Fixtures that start a local Ray, build models, or (`evaluated`, test_cf_eval.py) run a LightEval child process.
+# s3_server (a moto subprocess, ~1 s) is not among them: the fast tier's end-to-end run starts it anyway.
+E2E_FIXTURES = frozenset({"ray_local", "hf_models", "base", "evaluated"})
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--all", action="store_true", dest="run_all",
+                     help="run every test (the fast tier and the end-to-end runs); default: the fast tier only")
+
+
+def _is_e2e(item: pytest.Item) -> bool:
+    if item.get_closest_marker("fast") is not None:
+        return False
+    return bool(E2E_FIXTURES.intersection(item.fixturenames)) or item.get_closest_marker("slow") is not None
+
+
+def _tier_filter_on(config: pytest.Config) -> bool:
+    """Off with --all, with an explicit -m expression, or when a test file or test is named on the command line
+    (`pytest tests/test_train.py` runs the whole file); on for `pytest` and `pytest tests/`."""
+    if config.getoption("run_all") or config.getoption("markexpr"):
+        return False
+    return all("::" not in a and Path(config.invocation_params.dir, a).is_dir() for a in config.args)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if _is_e2e(item):
+            item.add_marker(pytest.mark.e2e)
+    if not _tier_filter_on(config):
+        return
+    keep = [item for item in items if item.get_closest_marker("e2e") is None]
+    dropped = [item for item in items if item.get_closest_marker("e2e") is not None]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    if _tier_filter_on(config):
+        return "raysmol tests: fast tier (unit tests + one end-to-end run); `pytest --all` runs everything"
+    return "raysmol tests: no tier filter (--all, -m, or tests named on the command line)"

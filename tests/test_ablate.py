@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import small_config
+from support import small_config
 
 from raysmol.ablate import report
 from raysmol.ablate.spec import load_ablation

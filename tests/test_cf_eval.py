@@ -198,6 +198,7 @@ def test_new_weights_at_the_same_path_give_fresh_scores(setup, evaluated):
     check_against_reference(results_b, model_b, setup["tokenizer"], setup["suite"])
 
 
+@pytest.mark.slow
 def test_in_process_scorer_agrees_with_lighteval_on_the_tiny_suite(setup, tmp_path, capsys):
     """`raysmol eval` on the shipped tiny suite, then score_choices on the same samples in this process."""
     from raysmol.eval.cli import add_parser

@@ -92,6 +92,7 @@ def test_1b_baseline_matches_the_playbook():
     assert all(s.path.startswith("hf://") for s in cfg.data.sources)
 
 
+@pytest.mark.slow
 def test_config_command_prints_params_and_flops_without_running():
     out = subprocess.run([sys.executable, "-m", "raysmol", "config", str(ROOT / "jobs" / "smollm3_1b_baseline.yaml"),
                           "--json"], capture_output=True, text=True, check=True, cwd=ROOT)
@@ -101,6 +102,7 @@ def test_config_command_prints_params_and_flops_without_running():
     assert info["derived"]["grad_accum"] >= 1
 
 
+@pytest.mark.slow
 def test_config_command_reports_errors_with_exit_2():
     out = subprocess.run([sys.executable, "-m", "raysmol", "config", "model.hidden_size=-1"],
                          capture_output=True, text=True, cwd=ROOT)

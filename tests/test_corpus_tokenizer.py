@@ -67,6 +67,7 @@ def test_corpus_code_respects_budget_and_order(tmp_path: Path) -> None:
         compile(source, "<stdlib>", "exec", dont_inherit=True)
 
 
+@pytest.mark.slow
 def test_corpus_is_deterministic(tmp_path: Path) -> None:
     a = build_default_corpus(tmp_path / "a", **SMALL)
     b = build_default_corpus(tmp_path / "b", **SMALL)
@@ -170,6 +171,7 @@ def test_builtin_second_resolve_is_cache_hit(builtin: TokenizerInfo, cache_dir: 
     assert builtin.json_path.stat().st_mtime_ns == mtime
 
 
+@pytest.mark.slow
 def test_builtin_honours_vocab_size(builtin: TokenizerInfo, cache_dir: Path) -> None:
     small = resolve_tokenizer("builtin", cache_dir, builtin_vocab_size=1000)
     assert small.vocab_size == 1000 and small.eos_id == 0

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from conftest import small_config
+from support import small_config
 
 from raysmol.config import ConfigError
 from raysmol.post.chat import ChatError

@@ -160,6 +160,7 @@ def test_pass_at_k_by_hand():
 # ---------------------------------------------------------------- HumanEval
 
 
+@pytest.mark.slow
 def test_humaneval_canonical_solutions_pass_and_empty_bodies_fail(sandbox, tmp_path):
     problems = ff.humaneval_problems()
     assert len(problems) == 164

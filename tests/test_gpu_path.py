@@ -299,6 +299,7 @@ def test_compiled_model_trains_a_step_with_the_same_loss_and_keeps_state_dict_ke
 # ---------------------------------------------------------------- the benchmark script
 
 
+@pytest.mark.slow
 def test_gpu_throughput_dry_run_reports_both_loops_and_writes_a_profile(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_throughput.py"), "--dry-run", "--json",
                            "--profile", str(tmp_path / "prof"), "train.peak_flops=1e9"],

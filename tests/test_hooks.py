@@ -6,7 +6,7 @@ import json
 import sys
 
 import pytest
-from conftest import small_config
+from support import small_config
 
 from raysmol.config import ConfigError
 from raysmol.recipes import task_for

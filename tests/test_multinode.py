@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import small_config
+from support import small_config
 from localray import clean_env, kill_under, new_tmpdir
 
 from raysmol import storage

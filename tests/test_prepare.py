@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import make_docs, small_config, write_docs
+from support import make_docs, small_config, write_docs
 from tokenizers import Tokenizer
 
 from raysmol.data import prepare as prep

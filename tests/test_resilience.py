@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import small_config
+from support import small_config
 from safetensors.torch import load_file
 
 from raysmol import storage

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import small_config
+from support import small_config
 
 from raysmol.config import ConfigError
 from raysmol import recipes

@@ -63,6 +63,7 @@ def _sparse(path: Path, size: int) -> None:
         f.truncate(size)  # sparse: no disk used, but Ray would read and zip every byte
 
 
+@pytest.mark.slow
 def test_oversized_working_dir_is_refused_before_any_network_call(tmp_path):
     assert upload_limit() == 100 * 2**20  # the dashboard's request-body cap, measured in DESIGN.md
     wd = _working_dir(tmp_path / "wd")
@@ -87,6 +88,7 @@ def test_oversized_working_dir_is_refused_before_any_network_call(tmp_path):
     assert not any(parts[-1].startswith((".git", "runs")) for parts in lines), err  # excluded: not counted
 
 
+@pytest.mark.slow
 def test_excluding_the_large_paths_passes_the_size_check(tmp_path):
     wd = _working_dir(tmp_path / "wd")
     _sparse(wd / "data" / "shard-000.bin", 150 * 2**20)

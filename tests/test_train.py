@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import small_config, write_docs
+from support import small_config, write_docs
 
 from raysmol import storage
 from raysmol.train import checkpoint as ckpt
@@ -42,6 +42,7 @@ def zero2_run(ray_local, small_data, tmp_path_factory):
     return cfg, pretrain(cfg, show_progress=False), tmp / "runs" / "t"
 
 
+@pytest.mark.fast
 def test_zero2_run_writes_the_run_directory(zero2_run):
     cfg, summary, run = zero2_run
     assert {p.name for p in run.iterdir()} >= {"config.yaml", "metrics.jsonl", "summary.json", "checkpoints", "hf", "plots"}
@@ -58,6 +59,7 @@ def test_zero2_run_writes_the_run_directory(zero2_run):
         assert r["tokens_per_s_per_worker"] == pytest.approx(r["tokens_per_s"] / 2)
 
 
+@pytest.mark.fast
 def test_checkpoints_are_committed_with_checksums(zero2_run):
     _, summary, run = zero2_run
     folders = sorted(p for p in (run / "checkpoints").glob("checkpoint_*") if p.is_dir())
@@ -71,6 +73,7 @@ def test_checkpoints_are_committed_with_checksums(zero2_run):
         ckpt.verify(folders[0])
 
 
+@pytest.mark.fast
 def test_hf_export_gives_the_trained_models_logits(zero2_run):
     _, summary, run = zero2_run
     exported, trained = checkpoint_logits_vs_export(run, summary)
