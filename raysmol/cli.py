@@ -10,6 +10,7 @@ import sys
 from raysmol import submit
 from raysmol.eval import cli as eval_cli
 from raysmol.config import ConfigError, load_config
+from raysmol.train import export as train_export
 
 
 def _config_args(p: argparse.ArgumentParser, optional: bool) -> None:
@@ -73,9 +74,7 @@ def cmd_prepare(args) -> int:
     init_ray()
     tok = tokenizer_for(cfg)
     for s in prepare(cfg, tok):
-        sp = s.manifest["splits"]
-        print(f"{s.name}: {sp['train']['docs']:,} docs, {sp['train']['tokens']:,} tokens "
-              f"(+{sp['val']['tokens']:,} validation), skipped {s.manifest['skipped']} -> {s.uri}")
+        print(s.describe())
     return 0
 
 
@@ -110,6 +109,7 @@ def main(argv: list[str] | None = None) -> None:
         _config_args(p, optional=False)
         p.set_defaults(fn=cmd_train)
     eval_cli.add_parser(sub)
+    train_export.add_parser(sub)
     from raysmol import ledger
     from raysmol.ablate import signal, tune
 
@@ -134,6 +134,6 @@ def main(argv: list[str] | None = None) -> None:
     try:
         sys.exit(args.fn(args))
     except (ConfigError, DataError, TokenizerError, submit.SubmitError, FreeformError, SandboxUnavailable,
-            EngineError, ChatError) as e:
+            EngineError, ChatError, train_export.ExportError) as e:
         print(f"raysmol: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -110,20 +110,64 @@ class SourceConfig:
     """Share of the mixture (weights are normalised; >= 0, at least one > 0)."""
     format: Literal["auto", "jsonl", "parquet", "text"] = "auto"
     text_field: str = "text"
+    max_tokens: int | None = None
+    """Prepare this many training tokens of the source (its first work items, in stream order) instead of what
+    data.budget says; unset: data.budget decides."""
+
+
+@dataclass
+class StageConfig:
+    """One stage of a staged mixture (SmolLM3: three stages, new math and code sources entering late)."""
+
+    weights: dict[str, float] = field(default_factory=dict)
+    """Source name -> share in this stage (normalised; a source left out, or at 0, is not read in it)."""
+    until_step: int | None = None
+    """The stage ends after this step (the last stage: train.steps, when neither end is given)."""
+    until_tokens: int | None = None
+    """Or: the stage ends once this many tokens have been trained on (rounded up to a whole step)."""
+    name: str = ""
+    """Shown in metrics, the summary and the loss plot (default stage<i>)."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A resolved stage: steps [start, end) of the run read `weights` (one per data.sources entry, normalised)."""
+
+    name: str
+    start: int
+    end: int
+    weights: tuple[float, ...]
 
 
 @dataclass
 class DataConfig:
     sources: list[SourceConfig] = field(default_factory=list)
-    """The pretraining mixture (not read by post-training runs)."""
+    """The pretraining mixture (not read by post-training runs). With `stages`, each source's weight comes from
+    the stages and the `weight` here stays unset."""
+    stages: list[StageConfig] = field(default_factory=list)
+    """A staged mixture: each stage ends at a step or a token count and has its own weights; a source's stream
+    continues across stages where it stopped (nothing repeated, nothing skipped). Empty: one stage, the sources'
+    weights, for the whole run."""
+    shuffle: bool = True
+    """Shuffle documents in every epoch (the first included) and the order in which a source's windows are read,
+    so a global batch draws from far-apart parts of each source. false: prepared order (for comparisons)."""
     seed: int = 1234
-    """Seed of the mixture order and of the per-epoch document orders of sources that wrap."""
+    """Seed of the mixture order, the document orders and the window order."""
     cache_dir: str = "~/.cache/raysmol"
     """Prepared token shards live under <cache_dir>/prepared/<hash of inputs>/ (local path or s3://)."""
     val_fraction: float = 0.01
     """Share of documents (by content hash) held out for validation loss."""
     intra_doc_masking: bool = True
     """Attention never crosses a document boundary and positions restart per document (SmolLM3)."""
+    budget: Literal["run", "all"] = "run"
+    """How much of each source to prepare (a source's max_tokens overrides it): "run" = the training tokens this
+    run reads from it (sum over stages of steps x train.global_batch_tokens x the source's weight), times
+    1 + budget_margin; "all" = the whole source. A larger budget later prepares only the difference."""
+    budget_margin: float = 0.1
+    """Extra share of the derived budget. Realised mixture shares stay within a fraction of a percent of the
+    weights, but not exactly on them; a window reads one token past its end and a prefix of a source stops at a
+    work item's end, not mid-document. The budget counts training-split tokens, so the validation split
+    (val_fraction of documents) comes on top and needs no margin."""
 
     def check(self, need: Need) -> None:
         names = set()
@@ -135,9 +179,60 @@ class DataConfig:
             need(bool(s.path), f"{k}.path", f"source {s.name!r} needs a path")
             need(s.weight >= 0, f"{k}.weight",
                  f"source {s.name!r} has a negative weight {s.weight}; weights must be >= 0")
-        need(not self.sources or sum(s.weight for s in self.sources) > 0, "sources.*.weight",
-             "weights sum to zero; at least one must be > 0")
+            need(s.max_tokens is None or s.max_tokens > 0, f"{k}.max_tokens",
+                 f"must be a positive token count (or unset: data.budget decides), got {s.max_tokens}")
+        if self.stages:
+            set_here = [s.name for s in self.sources if s.weight]
+            need(not set_here, "sources.*.weight", f"{set_here} have a weight here and data.stages is set: give "
+                 "weights per stage (data.stages.<i>.weights) and leave sources' weights unset")
+            for i, st in enumerate(self.stages):
+                k = f"stages.{i}"
+                unknown = sorted(set(st.weights) - names)
+                need(not unknown, f"{k}.weights", f"unknown source(s) {unknown}; sources: {sorted(names)}")
+                need(all(w >= 0 for w in st.weights.values()), f"{k}.weights", "weights must be >= 0")
+                need(sum(st.weights.values()) > 0, f"{k}.weights", "weights sum to zero; at least one must be > 0")
+                need(st.until_step is None or st.until_tokens is None, k, "give until_step or until_tokens, not both")
+                need(st.until_step is None or st.until_step > 0, f"{k}.until_step", f"must be positive, got {st.until_step}")
+                need(st.until_tokens is None or st.until_tokens > 0, f"{k}.until_tokens",
+                     f"must be positive, got {st.until_tokens}")
+                last = i == len(self.stages) - 1
+                need(last or st.until_step is not None or st.until_tokens is not None, k,
+                     "every stage but the last needs until_step or until_tokens")
+        else:
+            need(not self.sources or sum(s.weight for s in self.sources) > 0, "sources.*.weight",
+                 "weights sum to zero; at least one must be > 0")
         need(0 <= self.val_fraction < 0.5, "val_fraction", f"must be in [0, 0.5), got {self.val_fraction}")
+        need(0 <= self.budget_margin <= 10, "budget_margin", f"must be in [0, 10] (0.1 = 10%), got {self.budget_margin}")
+
+    def stage_plan(self, train: "TrainConfig") -> list[Stage]:
+        """The resolved stages of a run of train.steps steps (one stage when data.stages is empty): consecutive,
+        covering [0, train.steps); a token end is rounded up to a whole step. Raises ConfigError when the ends are
+        not increasing or past the run. Stages that start at or after train.steps are dropped."""
+        names = [s.name for s in self.sources]
+        if not self.stages:
+            w = [s.weight for s in self.sources]
+            return [Stage("all", 0, train.steps, tuple(x / sum(w) for x in w))]
+        out, start = [], 0
+        for i, st in enumerate(self.stages):
+            if st.until_step is not None:
+                end = st.until_step
+            elif st.until_tokens is not None:
+                end = -(-st.until_tokens // train.global_batch_tokens)
+            else:
+                end = train.steps
+            if end <= start:
+                raise ConfigError(f"data.stages.{i}: ends at step {end}, not after the previous stage's end {start}")
+            w = [st.weights.get(n, 0.0) for n in names]
+            out.append(Stage(st.name or f"stage{i}", start, end, tuple(x / sum(w) for x in w)))
+            start = end
+            if end >= train.steps:
+                break
+        if start < train.steps:
+            raise ConfigError(f"data.stages: the last stage ends at step {start}, before train.steps={train.steps}; "
+                              "leave the last stage's end unset (it runs to the end) or raise it")
+        last = out[-1]
+        out[-1] = Stage(last.name, last.start, train.steps, last.weights)
+        return out
 
 
 def _check_post_section(s: Any, mode: str, need: Need) -> None:
@@ -295,6 +390,12 @@ class TrainConfig:
     log_every: int = 1
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
+    keep_every: int = 0
+    """Checkpoints whose step is a multiple of this are kept for good (never pruned, by raysmol or by Ray Train), in
+    addition to the newest keep_checkpoints: a multiple of checkpoint_every (only saved steps can be kept). 0: off."""
+    export_every: int = 0
+    """A Hugging Face folder (weights and tokenizer) every N steps at <run_dir>/exports/step_<step, 8 digits>/, in
+    addition to the final hf/ (the last step gets one too when it is a multiple). Any N >= 1; 0: off."""
     eval_every: int = 0
     """Validation loss every N steps (0 = only before the first and after the last step)."""
     eval_batches: int = 4
@@ -308,6 +409,11 @@ class TrainConfig:
     """torch threads per worker on CPU: logical Ray CPUs may exceed physical cores."""
     max_failures: int = 3
     """Worker failures Ray Train recovers from (restart from the newest committed checkpoint) before giving up."""
+    allow_changes: list[str] = field(default_factory=list)
+    """Resuming (the same run.name with checkpoints): config changes that alter the training trajectory that are
+    allowed anyway, as dotted keys or key prefixes (e.g. [data.sources, optim.lr]); without them such a change
+    stops the run. Harmless keys (train.steps, eval and logging cadence, workers, faults, guard, ...) need no
+    entry; raysmol/train/resume_check.py lists them. The changes go into summary.json's `resume`."""
     liger: bool = False
     """GPU path (raysmol.model.prepare_for_training): Liger kernels for RMSNorm, SwiGLU, RoPE and the fused
     linear cross-entropy (needs the liger-kernel package and GPUs)."""
@@ -315,6 +421,14 @@ class TrainConfig:
     """Recompute each decoder layer's activations in the backward pass: less memory, ~1/3 more compute."""
     compile: bool = False
     """torch.compile the model's forward (first steps pay the compilation)."""
+    init_from: str | None = None
+    """Continued pretraining: start from a Hugging Face model folder, a raysmol run directory or one of its
+    checkpoints (<run>/checkpoints/checkpoint_<step>) instead of random weights. The model's shape and tokenizer
+    come from it (a model: key that disagrees is an error). None: from scratch."""
+    init_carry: list[Literal["optimizer", "schedule", "data"]] = field(default_factory=list)
+    """What else to carry over from init_from's checkpoint (a run directory: its newest): optimizer (AdamW
+    moments), schedule (the step count, so the lr schedule and train.steps continue from its step) and data (the
+    data position: reading continues where it stopped). Empty: the weights only, a fresh run."""
 
     def samples_per_step(self) -> int:
         return self.global_batch_tokens // self.seq_len
@@ -342,6 +456,11 @@ class TrainConfig:
         _positive(need, self, "steps", "global_batch_tokens", "micro_batch_size", "seq_len", "num_workers",
                   "log_every", "checkpoint_every", "keep_checkpoints", "eval_batches", "cpu_threads_per_worker")
         need(self.eval_every >= 0, "eval_every", f"must be >= 0, got {self.eval_every}")
+        need(self.keep_every >= 0, "keep_every", f"must be >= 0 (0: off), got {self.keep_every}")
+        need(self.keep_every % self.checkpoint_every == 0, "keep_every",
+             f"{self.keep_every} is not a multiple of train.checkpoint_every={self.checkpoint_every}: only saved steps "
+             f"can be kept (e.g. {self.checkpoint_every * max(1, round(self.keep_every / self.checkpoint_every))})")
+        need(self.export_every >= 0, "export_every", f"must be >= 0 (0: off), got {self.export_every}")
         need(self.eval_suite_samples > 0, "eval_suite_samples", f"must be positive, got {self.eval_suite_samples}")
         need(self.eval_suite is None or os.path.isfile(self.eval_suite), "eval_suite",
              f"no such suite file {self.eval_suite!r} (e.g. eval/suites/tiny.yaml)")
@@ -354,6 +473,9 @@ class TrainConfig:
         need(not (self.liger and not self.use_gpu), "liger",
              "Liger kernels are Triton GPU kernels: needs train.use_gpu: true")
         need(self.peak_flops is None or self.peak_flops > 0, "peak_flops", f"must be positive, got {self.peak_flops}")
+        need(not self.init_carry or self.init_from is not None, "init_carry",
+             f"{self.init_carry} carries state from train.init_from, which is not set")
+        need(len(set(self.init_carry)) == len(self.init_carry), "init_carry", f"duplicates in {self.init_carry}")
 
 
 @dataclass
@@ -669,6 +791,10 @@ def _convert(tp: Any, value: Any, key: str, where: str, explicit: set[str] | Non
         if not isinstance(value, list):
             raise ConfigError(f"{where}: {key}: expected a list, got {value!r}")
         return [_convert(args[0], v, f"{key}.{i}", where, explicit) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: {key}: expected a mapping, got {value!r}")
+        return {_convert(args[0], k, key, where): _convert(args[1], v, f"{key}.{k}", where) for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         return build_section(tp, value, key, where, explicit)
     if tp is bool:
@@ -741,6 +867,14 @@ def _cross_check(cfg: Config, need: Need) -> None:
          f"{' and '.join(x + '.data' for x in modes)} are all set; a run does one kind of post-training")
     need(bool(cfg.data.sources) or bool(modes), "data.sources",
          "at least one source is needed (or sft.data, dpo.data or grpo.data, for post-training)")
+    need(not (modes and t.init_from), "train.init_from",
+         f"continued pretraining only; {modes[0] if modes else ''}.init_from is where post-training starts")
+    if cfg.data.stages and not modes:
+        try:
+            cfg.data.stage_plan(t)
+        except ConfigError as e:  # stage_plan's message starts with the key
+            key, msg = str(e).split(": ", 1)
+            need(False, key, msg)
     if r.data is not None:
         need(r.prompts_per_step * r.group_size * t.seq_len == t.global_batch_tokens, "grpo.prompts_per_step",
              f"prompts_per_step x group_size x train.seq_len = {r.prompts_per_step} x {r.group_size} x {t.seq_len} "

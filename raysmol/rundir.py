@@ -50,8 +50,8 @@ def save_figure(fig, uri: str, dpi: int = 120) -> str:
 
 
 def plot_loss(rows: list[dict], rd: str) -> None:
-    """plots/loss.png: training and validation loss with spikes and rollbacks marked, and in-training benchmark
-    accuracy beside it."""
+    """plots/loss.png: training and validation loss with spikes, rollbacks and data-stage boundaries marked, and
+    in-training benchmark accuracy beside it."""
     plt = pyplot()
     tasks = sorted({k for r in rows for k in r if k.startswith("eval/")})
     fig, axes = plt.subplots(1, 2 if tasks else 1, figsize=(12 if tasks else 7, 4), squeeze=False)
@@ -61,6 +61,11 @@ def plot_loss(rows: list[dict], rd: str) -> None:
     for r in rows:
         if r.get("event") in ("spike", "rollback"):
             ax.axvline(r["step"], color="red" if r["event"] == "spike" else "orange", lw=0.8, alpha=0.6)
+    # Data stages: a dashed line where a stage begins (its first logged step), labelled with the stage's name.
+    for prev, r in zip(train, train[1:]):
+        if r.get("stage") != prev.get("stage"):
+            ax.axvline(r["step"] - 0.5, color="grey", ls="--", lw=0.8)
+            ax.annotate(r["stage"], (r["step"], 1), xycoords=("data", "axes fraction"), va="top", fontsize=8)
     ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss", lw=1)
     ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation loss")
     ax.set_xlabel("step")

@@ -56,6 +56,21 @@ def test_one_change_variants_are_accepted_and_every_trial_config_is_built(tmp_pa
     assert mha.run.output_dir == str(tmp_path / "sweeps" / "sweep" / "trials")
 
 
+@pytest.mark.parametrize("vary,init,data", [("both", [0, 1], [1234, 1235]), ("init", [0, 1], [1234, 1234]),
+                                             ("data", [0, 0], [1234, 1235])])
+def test_seeds_vary_the_initialisation_the_data_order_or_both(tmp_path, vary, init, data):
+    path = write_spec(tmp_path, str(REPO / "jobs" / "tiny.yaml"), variants=[variant("lr", {"optim.lr": 0.001})],
+                      seeds_vary=vary)
+    spec = load_ablation(path)
+    trials = [t for t in spec.trials() if t.variant == "lr"]
+    assert [t.config.train.seed for t in trials] == init and [t.config.data.seed for t in trials] == data
+    assert spec.diffs["lr"] == ["optim.lr"]  # the seeds are not a change of the variant
+    assert f"seeds_vary: {vary}" in report._seed_note(spec.to_dict())
+    with pytest.raises(ConfigError, match="seeds_vary: 'weights' is not one of init, data, both"):
+        load_ablation(write_spec(tmp_path, str(REPO / "jobs" / "tiny.yaml"), variants=[variant("lr", {"optim.lr": 0.001})],
+                                 seeds_vary="weights"))
+
+
 def test_a_token_budget_gives_a_batch_size_variant_the_same_tokens_in_fewer_steps(tmp_path):
     path = write_spec(tmp_path, str(REPO / "jobs" / "tiny.yaml"), budget={"tokens": 409_600},
                       variants=[variant("big_batch", {"train.global_batch_tokens": 4096})])

@@ -92,6 +92,27 @@ def test_1b_baseline_matches_the_playbook():
     assert all(s.path.startswith("hf://") for s in cfg.data.sources)
 
 
+def test_3b_job_is_smollm3s_recipe():
+    from raysmol.model import param_count
+    from raysmol.train.schedule import lr_multiplier
+
+    cfg = load_config(ROOT / "jobs" / "smollm3_3b.yaml")
+    assert param_count(cfg) == 3_075_098_624 and cfg.model.nope_every == 4 and cfg.model.arch == "smollm3"
+    t = cfg.train
+    assert (t.seq_len, t.global_batch_tokens) == (4096, 2_359_296) and t.splits_over(t.num_workers)
+    plan = cfg.data.stage_plan(t)
+    tokens = [st.end * t.global_batch_tokens for st in plan]
+    assert [round(x / 1e12, 2) for x in tokens] == [8.0, 10.0, 11.1]
+    names = [s.name for s in cfg.data.sources]
+    category = {"fineweb-edu": "web", "stack-edu": "code", "finemath": "math", "infiwebmath": "math", "megamath": "math"}
+    shares = [{c: round(sum(w for n, w in zip(names, st.weights) if category[n] == c), 4) for c in ("web", "code", "math")}
+              for st in plan]
+    assert shares == [{"web": 0.85, "code": 0.12, "math": 0.03}, {"web": 0.75, "code": 0.15, "math": 0.10},
+                      {"web": 0.63, "code": 0.24, "math": 0.13}]
+    lr = lr_multiplier(cfg.optim, t.steps)  # WSD: stable through stage 2, the decay is stage 3
+    assert lr(plan[2].start - 1) == 1.0 and lr(plan[2].start) < 1.0 and lr(t.steps - 1) < 1e-5
+
+
 @pytest.mark.slow
 def test_config_command_prints_params_and_flops_without_running():
     out = subprocess.run([sys.executable, "-m", "raysmol", "config", str(ROOT / "jobs" / "smollm3_1b_baseline.yaml"),

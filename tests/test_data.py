@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from raysmol.data.batches import Batches
-from raysmol.data.mixture import Mixture
-from raysmol.data.store import TokenStream
+from raysmol.data.mixture import Mixture, StagedMixture
+from raysmol.data.store import TokenStream, permute
 
 
 def write_store(folder: Path, docs: list[list[int]], per_shard: int = 7) -> Path:
@@ -145,3 +145,119 @@ def test_labels_are_inputs_shifted_by_one(tmp_path):
     b = Batches([stream], [1.0], seed=0, seq_len=10, samples_per_step=2).samples(np.array([0, 1]))
     assert b.labels[:, :-1].tolist() == b.input_ids[:, 1:].tolist()
     assert b.labels[0, -1] == b.input_ids[1, 0]  # the last label is the next window's first token
+
+
+# ---------------------------------------------------------------- shuffling
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 5000), st.integers(0, 2**40))
+def test_feistel_permutation_is_a_bijection(n, key):
+    assert sorted(permute(j, n, key) for j in range(n)) == list(range(n))
+
+
+def random_docs(seed: int, n: int = 120) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(1, 999, rng.integers(3, 40)).tolist() for _ in range(n)]
+
+
+def test_shuffled_epoch_zero_permutes_documents_inside_each_shard(tmp_path):
+    docs = random_docs(0)
+    plain, mixed = TokenStream(write_store(tmp_path / "a", docs), seed=3), TokenStream(write_store(tmp_path / "a", docs), seed=3, shuffle=True)
+    total = plain.total
+    order, _ = mixed._order(0)
+    assert sorted(order.tolist()) == list(range(len(docs))) and order.tolist() != list(range(len(docs)))
+    # shards keep their place (7 documents each): an appended shard leaves the stream before it unchanged
+    assert all(sorted(order[i:i + 7].tolist()) == list(range(i, min(i + 7, len(docs)))) for i in range(0, len(docs), 7))
+    assert sorted(mixed.read(0, total)[0].tolist()) == sorted(plain.read(0, total)[0].tolist())
+    for epoch in (1, 2):  # later epochs: a permutation of all documents, another one each epoch
+        o, _ = mixed._order(epoch)
+        assert sorted(o.tolist()) == list(range(len(docs))) and o.tolist() != order.tolist()
+
+
+@pytest.mark.parametrize("seq_len", [5, 16])
+def test_shuffled_reads_cover_each_block_once_and_come_from_far_apart(tmp_path, seq_len):
+    stream = TokenStream(write_store(tmp_path / "s", random_docs(1, 200)), seed=9, shuffle=True)
+    block = stream.total // seq_len
+    slots = [stream.slot(k, seq_len) for k in range(3 * block)]
+    for b in range(3):  # every slot of a block read exactly once, blocks in order
+        assert sorted(slots[b * block:(b + 1) * block]) == list(range(b * block, (b + 1) * block))
+    assert slots[:block] != list(range(block))
+    gaps = np.abs(np.diff(slots[:block]))
+    assert gaps.mean() > block / 5  # consecutive reads are far apart (in order they would be 1 apart)
+    # a window's tokens are those of its slot in the unshuffled stream
+    plain = TokenStream(write_store(tmp_path / "s", random_docs(1, 200)), seed=9, shuffle=True)
+    plain.slot = lambda k, L: k  # noqa: E731  (the same document order, slots read in order)
+    for k in (0, 7, block + 3):
+        assert stream.window(k, seq_len).tokens.tolist() == plain.window(slots[k], seq_len).tokens.tolist()
+
+
+def test_shuffled_global_batch_is_the_same_at_world_sizes_1_and_2(tmp_path):
+    streams = [TokenStream(write_store(tmp_path / str(i), random_docs(i, 60)), seed=4, shuffle=True) for i in range(3)]
+    batches = Batches(streams, [0.6, 0.3, 0.1], seed=1, seq_len=16, samples_per_step=8)
+
+    def global_rows(world, micro, step):
+        return sorted(tuple(x) for r in range(world) for mb in batches.micro_batches(step, r, world, micro)
+                      for x in mb.input_ids.tolist())
+
+    for step in (0, 5):
+        assert global_rows(1, 8, step) == global_rows(2, 4, step) == global_rows(2, 1, step)
+
+
+# ---------------------------------------------------------------- stages
+
+STAGES = [(0, [0.85, 0.12, 0.03, 0.0]), (3000, [0.75, 0.15, 0.10, 0.0]), (8000, [0.63, 0.24, 0.0, 0.13])]
+
+
+def test_unstaged_mixture_is_the_plain_mixture():
+    g = np.arange(20_000)
+    a, b = StagedMixture([(0, [0.7, 0.2, 0.1])], 5).locate(g), Mixture([0.7, 0.2, 0.1], 5).locate(g)
+    assert (a[0] == b[0]).all() and (a[1] == b[1]).all()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_stage_shares_within_one_percent_at_every_prefix_of_1000(seed):
+    m, end = StagedMixture(STAGES, seed), 14_000
+    src, _ = m.locate(np.arange(end))
+    for i, (start, w) in enumerate(STAGES):
+        stop = STAGES[i + 1][0] if i + 1 < len(STAGES) else end
+        s = src[start:stop]
+        counts = np.stack([np.cumsum(s == j) for j in range(len(w))], 1)
+        shares = counts / np.arange(1, len(s) + 1)[:, None]
+        assert np.abs(shares - np.asarray(w))[999:].max() < 0.01, i
+
+
+def test_each_source_continues_across_stages_without_repeats_or_gaps():
+    m = StagedMixture(STAGES, 7)
+    src, k = m.locate(np.arange(14_000))
+    for j in range(4):  # the k-th draw of each source over the whole run: 0, 1, 2, ... contiguous in its stream
+        assert k[src == j].tolist() == list(range(int((src == j).sum())))
+    assert not (src[:8000] == 3).any() and not (src[8000:] == 2).any()  # a source enters, another leaves
+    assert (m.counts(14_000) == np.bincount(src, minlength=4)).all()
+    assert (m.counts(8000) == m.offsets[2]).all()
+
+
+def test_stage_plan_resolves_steps_tokens_and_the_open_last_stage():
+    from raysmol.config import ConfigError, from_dict
+
+    raw = {"data": {"sources": [{"name": "web", "path": "builtin:prose"}, {"name": "code", "path": "builtin:code"}],
+                    "stages": [{"until_step": 100, "weights": {"web": 1}},
+                               {"until_tokens": 2048 * 250 + 1, "weights": {"web": 3, "code": 1}, "name": "mid"},
+                               {"weights": {"code": 1}}]},
+           "train": {"steps": 300}}
+    plan = from_dict(raw).data.stage_plan(from_dict(raw).train)
+    assert [(s.name, s.start, s.end, s.weights) for s in plan] == [
+        ("stage0", 0, 100, (1.0, 0.0)), ("mid", 100, 251, (0.75, 0.25)), ("stage2", 251, 300, (0.0, 1.0))]
+    short = {**raw, "train": {"steps": 50}}
+    assert [(s.start, s.end) for s in from_dict(short).data.stage_plan(from_dict(short).train)] == [(0, 50)]
+    bad = [({"stages": [{"until_step": 10, "weights": {"web": 1}}]}, "data.stages"),
+           ({"stages": [{"weights": {"wev": 1}}]}, "data.stages.0.weights: unknown source"),
+           ({"stages": [{"until_step": 10, "weights": {"web": 1}}, {"until_step": 5, "weights": {"web": 1}}, {"weights": {"web": 1}}]},
+            "data.stages.1: ends at step 5"),
+           ({"stages": [{"weights": {"web": 0}}]}, "weights sum to zero")]
+    for data, msg in bad:
+        with pytest.raises(ConfigError, match=msg):
+            from_dict({"data": {**raw["data"], **data}, "train": {"steps": 300}})
+    with pytest.raises(ConfigError, match="data.sources.*weight.*stages"):
+        from_dict({"data": {**raw["data"], "sources": [{"name": "web", "path": "builtin:prose", "weight": 1.0},
+                                                      {"name": "code", "path": "builtin:code"}]}, "train": {"steps": 300}})

@@ -33,6 +33,7 @@ def config_for(tmp_path, small_data, sources, val_fraction=0.1):
         cfg.data.sources.append(SourceConfig(name=name, path=str(path), weight=1.0, format=fmt))
     cfg.data.cache_dir = str(tmp_path / "cache")
     cfg.data.val_fraction = val_fraction
+    cfg.data.budget = "all"  # these tests check whole sources; budgets are tested in test_prepare_budget.py
     return cfg
 
 

@@ -17,13 +17,19 @@ from support import small_config
 from safetensors.torch import load_file
 
 from raysmol import storage
+from raysmol.config import ConfigError
 from raysmol.train import checkpoint as ckpt
 from raysmol.train.guard import DataPlan, GuardedAdamW, SpikeGuard
 from raysmol.recipes import pretrain
 from raysmol.rundir import recovery_report
 
-# A 6-step, 2-worker ZeRO-2 run with a checkpoint every 2 steps is the reference for every fault below.
-BASE = {"train.steps": 6, "train.checkpoint_every": 2, "train.keep_checkpoints": 3, "train.max_failures": 2}
+# A 6-step, 2-worker ZeRO-2 run with a checkpoint every 2 steps is the reference for every fault below. Its data
+# comes in three stages (a source entering in each), so the faults also land mid-stage (kill -9 at step 3 resumes
+# at step 2, inside "mid") and exactly at a boundary (a crash at step 5 resumes at step 4, where "late" begins).
+STAGES = [{"until_step": 1, "weights": {"prose": 1}}, {"until_step": 4, "weights": {"prose": 0.7, "code": 0.3}, "name": "mid"},
+          {"weights": {"prose": 0.5, "code": 0.2, "math": 0.3}, "name": "late"}]
+BASE = {"train.steps": 6, "train.checkpoint_every": 2, "train.keep_checkpoints": 3, "train.max_failures": 2,
+        "data.sources.0.weight": 0, "data.sources.1.weight": 0, "data.sources.2.weight": 0, "data.stages": STAGES}
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
@@ -50,6 +56,16 @@ def run(tmp_path: Path, small_data, overrides: dict) -> tuple[dict, Path]:
 def reference(ray_local, small_data, tmp_path_factory):
     summary, path = run(tmp_path_factory.mktemp("reference"), small_data, {})
     assert summary["recovery"] == []
+    rows = [r for r in metrics(path) if "loss" in r]
+    assert [r["stage"] for r in rows] == ["stage0", "mid", "mid", "mid", "late", "late"]
+    assert rows[0]["stage_shares"] == {"prose": 1.0, "code": 0.0, "math": 0.0} and rows[0]["source_tokens"]["code"] == 0
+    assert rows[-1]["source_tokens"]["math"] > 0
+    stages = summary["stages"]
+    assert [(s["name"], s["start_step"], s["end_step"]) for s in stages] == [("stage0", 0, 1), ("mid", 1, 4), ("late", 4, 6)]
+    # each source's reads in a stage start where its reads in the stages before ended
+    for j, name in enumerate(("prose", "code", "math")):
+        firsts = [s["sources"][name]["first_token"] for s in stages]
+        assert firsts == [sum(s["sources"][name]["tokens"] for s in stages[:i]) for i in range(3)], name
     return path
 
 
@@ -286,3 +302,58 @@ def test_zero3_crash_resumes_within_fp32_rounding(ray_local, small_data, tmp_pat
     a, b = weights(path), weights(ref)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------- continued pretraining
+
+
+def test_continued_pretraining_from_a_hf_folder_starts_at_its_loss(reference, small_data, tmp_path):
+    """Weights only: the first step's loss is the loaded model's loss on that step's batch."""
+    from types import SimpleNamespace
+
+    from raysmol.model import load_model
+    from raysmol.train.objectives import causal_lm
+    from raysmol.train.pretrain import Pretrain
+
+    summary, path = run(tmp_path, small_data, {"train.init_from": str(reference / "hf"), "train.steps": 2})
+    first = next(r for r in metrics(path) if "loss" in r)
+    cfg = small_config(tmp_path / "check", small_data, {**BASE, "train.init_from": str(reference / "hf")})
+    task = Pretrain()
+    task.prepare(cfg, show_progress=False)
+    assert cfg.tokenizer.name == str((reference / "hf").resolve()) and cfg.model_from.startswith("train.init_from")
+    train, _ = task.batches(SimpleNamespace(cfg=cfg))
+    model = load_model(reference / "hf", cfg).eval()
+    with torch.no_grad():
+        losses = [float(causal_lm(model, mb)[0]) for r in range(2) for mb in train.micro_batches(0, r, 2, 2)]
+    assert first["step"] == 1 and abs(first["loss"] - sum(losses) / len(losses)) < 1e-5, (first["loss"], losses)
+    # and far below a fresh model's first loss: it starts where the reference ended
+    ref_rows = [r for r in metrics(reference) if "loss" in r]
+    assert first["loss"] < ref_rows[0]["loss"] - 0.5
+    # its export holds the trained weights, not the starting folder's (whose tokenizer it shares)
+    trained, began = weights(path), weights(reference)
+    assert any(not torch.equal(trained[k], began[k]) for k in began)
+
+
+def test_continued_pretraining_carrying_everything_continues_the_run_bit_exact(reference, small_data, tmp_path):
+    """From checkpoint 4 with the optimizer, schedule and data position carried, a new run's steps 5-6 are the
+    reference's own; a run directory carries from its newest checkpoint."""
+    from raysmol.train import start
+
+    carry = ["optimizer", "schedule", "data"]
+    summary, path = run(tmp_path, small_data, {"train.init_from": str(reference / "checkpoints" / "checkpoint_00000004"),
+                                               "train.init_carry": carry})
+    rows = [r for r in metrics(path) if "loss" in r]
+    assert [r["step"] for r in rows] == [5, 6] and [r["stage"] for r in rows] == ["late", "late"]
+    # Compared as loaded models: a model loaded from a folder saves its tied lm_head as the embedding only.
+    from transformers import AutoModelForCausalLM
+
+    a, b = (AutoModelForCausalLM.from_pretrained(x / "hf").state_dict() for x in (path, reference))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert summary["init_from"]["step"] == 4 and summary["init_from"]["carry"] == carry
+    cfg = small_config(tmp_path / "b", small_data, {**BASE, "train.init_from": str(reference), "train.init_carry": carry,
+                                                    "train.steps": 8})
+    s = start.resolve(cfg, str(tmp_path / "b" / "runs" / "t"))
+    assert s.checkpoint.endswith("checkpoint_00000006") and s.state["step"] == 6 and s.weights == str((reference / "hf").resolve())
+    with pytest.raises(ConfigError, match="train.steps=6 must be larger"):
+        start.resolve(small_config(tmp_path / "c", small_data, {**BASE, "train.init_from": str(reference),
+                                                                 "train.init_carry": carry}), str(tmp_path / "c"))

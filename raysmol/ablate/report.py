@@ -146,6 +146,7 @@ def write(sweep_dir: str) -> str:
     _plot_bars(rows, metric, noise_threshold(base.std, noise["factor"], noise["floor"]), sweep_dir)
     md = [f"# Ablation {spec['name']}", "", table, rule, "",
           f"Budget: {_budget(spec['budget'])}; seeds {spec['seeds']}; scheduler {_sched(spec['scheduler'])}.", "",
+          _seed_note(spec), "",
           "![curves](plots/curves.png)", "", "![metric](plots/metric.png)", "", "## Variants", ""]
     md += [f"- **{v['name']}**: {v['reason']} (changes {', '.join(spec['diffs'][v['name']])}"
            f"{'; bundle' if v['bundle'] else ''})" for v in spec["variants"]]
@@ -164,6 +165,15 @@ def _rows(run_dir: str) -> list[dict]:
     if not storage.exists(uri):
         return []
     return [json.loads(x) for x in storage.read_text(uri).splitlines() if x.strip()]
+
+
+def _seed_note(spec: dict) -> str:
+    """Which noise the band measures: what a seed changed in these trials."""
+    vary = spec.get("seeds_vary", "init")  # sweeps recorded before seeds_vary existed varied train.seed only
+    what = {"init": "the model initialisation only (every seed read the same batches)",
+            "data": "the data order only (every seed started from the same weights)",
+            "both": "the model initialisation and the data order"}[vary]
+    return f"Seeds vary {what} (seeds_vary: {vary}): the noise band measures that noise."
 
 
 def _budget(b: dict) -> str:

@@ -10,7 +10,8 @@ variants:
     reason: a learning rate 30x too high should diverge
     changes: {optim.lr: 0.09}
   - {name: gqa_and_untied, reason: ..., bundle: true, changes: {model.num_kv_heads: 4, model.tie_embeddings: false}}
-seeds: [0, 1, 2]                 # train.seed of each trial (model initialisation)
+seeds: [0, 1, 2]                 # one trial per seed and variant
+seeds_vary: both                 # what a seed changes: init (train.seed), data (the data order: data.seed) or both
 metric: {name: val_loss, mode: min}
 budget: {steps: 150}             # or {tokens: 307200}: steps = tokens / global_batch_tokens, per variant
 scheduler: {grace_period: 50, reduction_factor: 2, margin: 0.2}
@@ -107,6 +108,7 @@ class AblationSpec:
     scheduler: Scheduler
     resources: Resources
     noise: Noise
+    seeds_vary: str = "both"
     # Per variant (baseline first), the dotted keys its config differs in from the baseline.
     diffs: dict[str, list[str]] = field(default_factory=dict)
 
@@ -125,7 +127,7 @@ class AblationSpec:
         return [Variant(BASELINE, "the baseline"), *self.variants]
 
     def to_dict(self) -> dict[str, Any]:
-        d = {k: getattr(self, k) for k in ("name", "output_dir", "seeds")}
+        d = {k: getattr(self, k) for k in ("name", "output_dir", "seeds", "seeds_vary")}
         d.update({k: dataclasses.asdict(getattr(self, k)) for k in ("metric", "budget", "scheduler", "resources", "noise")})
         d["variants"] = [dataclasses.asdict(v) for v in self.variants]
         d["baseline"] = self.baseline.to_dict()
@@ -133,8 +135,12 @@ class AblationSpec:
         return d
 
 
-_TOP = {"name", "output_dir", "baseline", "overrides", "variants", "seeds", "metric", "budget", "scheduler",
-        "resources", "noise"}
+_TOP = {"name", "output_dir", "baseline", "overrides", "variants", "seeds", "seeds_vary", "metric", "budget",
+        "scheduler", "resources", "noise"}
+# What a trial's seed changes. Initialisation alone leaves every seed on the same batches (their loss curves wiggle
+# in lockstep), so the noise band would hold initialisation noise only; varying the data order as well measures
+# the noise a variant's delta must beat when the data order is an accident too.
+SEEDS_VARY = {"init": ("train.seed",), "data": ("data.seed",), "both": ("train.seed", "data.seed")}
 
 
 def load_ablation(path: str | Path) -> AblationSpec:
@@ -155,6 +161,7 @@ def load_ablation(path: str | Path) -> AblationSpec:
         path=where, name=str(raw.get("name") or path.stem), output_dir=str(raw.get("output_dir") or "runs/ablations"),
         baseline=baseline, variants=[_variant(v, i, where) for i, v in enumerate(_list(raw["variants"], "variants", where))],
         seeds=_seeds(raw.get("seeds", [0]), where),
+        seeds_vary=_seeds_vary(raw.get("seeds_vary", "both"), where),
         metric=_section(Metric, raw.get("metric"), "metric", where),
         budget=_section(Budget, raw.get("budget"), "budget", where),
         scheduler=_section(Scheduler, raw.get("scheduler"), "scheduler", where),
@@ -179,7 +186,10 @@ def trial_config(spec: AblationSpec, variant: Variant, seed: int) -> Config:
         t.steps = spec.budget.steps
     elif spec.budget.tokens is not None:
         t.steps = math.ceil(spec.budget.tokens / t.global_batch_tokens)
-    t.seed = seed
+    if "train.seed" in SEEDS_VARY[spec.seeds_vary]:
+        t.seed = seed
+    if "data.seed" in SEEDS_VARY[spec.seeds_vary]:
+        cfg.data.seed = spec.baseline.data.seed + seed
     from raysmol import storage
 
     cfg.run.output_dir = storage.join(spec.sweep_dir(), "trials")
@@ -298,6 +308,12 @@ def _mapping(value: Any, key: str, where: str) -> dict[str, Any]:
 def _list(value: Any, key: str, where: str) -> list:
     if not isinstance(value, list) or not value:
         raise ConfigError(f"{where}: {key}: expected a non-empty list, got {value!r}")
+    return value
+
+
+def _seeds_vary(value: Any, where: str) -> str:
+    if value not in SEEDS_VARY:
+        raise ConfigError(f"{where}: seeds_vary: {value!r} is not one of {', '.join(SEEDS_VARY)}")
     return value
 
 

@@ -146,12 +146,15 @@ def _trial_params(spec: AblationSpec, t: Trial) -> dict[str, Any]:
 
 def _prepare_data(trials: list[Trial], show_progress: bool) -> None:
     """Prepare every distinct data set once, here, so concurrent trials never prepare the same one."""
-    from raysmol.data.prepare import prepare
+    from raysmol.data.prepare import prepare, token_budgets
     from raysmol.data.tokenizer import tokenizer_for
 
     seen = set()
     for t in trials:
-        key = json.dumps([t.config.to_dict()[k] for k in ("data", "tokenizer")], sort_keys=True)
+        # The budgets too: trials of different lengths or batch sizes need different prefixes of the same folders,
+        # and a larger one prepared here only appends to a smaller one.
+        key = json.dumps([t.config.to_dict()[k] for k in ("data", "tokenizer")] + [token_budgets(t.config)],
+                         sort_keys=True)
         if key not in seen:
             seen.add(key)
             prepare(t.config, tokenizer_for(t.config), show_progress=show_progress)

@@ -1,6 +1,7 @@
 """Per-rank micro-batches from the global data cursor. The only state is the step.
 
-Step t's global batch is samples [t*B, (t+1)*B) of the mixture (B = global_batch_tokens / seq_len).
+Step t's global batch is samples [t*B, (t+1)*B) of the mixture (B = global_batch_tokens / seq_len); with data
+stages, the mixture's weights change at each stage's first step (StagedMixture).
 Micro-batch a of rank r takes samples t*B + (a*W + r)*m + [0, m): every world size W sees the same global
 batch, so an elastic restart changes only the order of the gradient reduction.
 """
@@ -12,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from raysmol.data.mixture import Mixture
+from raysmol.data.mixture import StagedMixture
 from raysmol.data.store import TokenStream
 
 
@@ -37,12 +38,16 @@ class Batch:
 
 class Batches:
     def __init__(self, streams: list[TokenStream], weights: list[float], seed: int, seq_len: int,
-                 samples_per_step: int, intra_doc_masking: bool = True, names: list[str] | None = None):
-        if len(streams) != len(weights):
+                 samples_per_step: int, intra_doc_masking: bool = True, names: list[str] | None = None,
+                 stages: list[tuple[int, list[float]]] | None = None, stage_names: list[str] | None = None):
+        """`stages`: (first step, weights) per stage, replacing `weights` (config: DataConfig.stage_plan)."""
+        stages = stages or [(0, weights)]
+        if any(len(streams) != len(w) for _, w in stages):
             raise ValueError("one stream per mixture weight")
         self.streams = streams
         self.names = names or [f"source{i}" for i in range(len(streams))]
-        self.mixture = Mixture(weights, seed)
+        self.stage_names = stage_names or [f"stage{i}" for i in range(len(stages))]
+        self.mixture = StagedMixture([(start * samples_per_step, w) for start, w in stages], seed)
         self.seq_len = seq_len
         self.samples_per_step = samples_per_step
         self.intra_doc_masking = intra_doc_masking
@@ -71,3 +76,14 @@ class Batches:
         """How many passes over each source's token stream the run has made by the end of this step."""
         counts = self.mixture.counts((step + 1) * self.samples_per_step)
         return {n: float(c * self.seq_len / s.total) for n, c, s in zip(self.names, counts, self.streams)}
+
+    def position(self, step: int) -> dict:
+        """Where the data stands after data step `step`, for the metrics row: passes over each source, tokens read
+        from each, the stage and each source's realised share of the stage's samples so far."""
+        n = (step + 1) * self.samples_per_step
+        m = self.mixture
+        i = int(m.stage_of([n - 1])[0])
+        in_stage = m.stage_counts(i, n - m.starts[i])
+        return {"epochs": self.epochs(step), "stage": self.stage_names[i],
+                "source_tokens": {k: int(c) * self.seq_len for k, c in zip(self.names, m.counts(n))},
+                "stage_shares": {k: float(c / in_stage.sum()) for k, c in zip(self.names, in_stage)}}

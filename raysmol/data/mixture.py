@@ -95,3 +95,49 @@ class Mixture:
         if len(self._cache) > 4:
             self._cache.popitem(last=False)
         return src, k
+
+
+class StagedMixture:
+    """A mixture whose weights change at stage boundaries (SmolLM3's three stages): stage i covers global samples
+    [starts[i], starts[i+1]) (the last stage runs on) and draws with its own weights; a source's reads continue
+    across boundaries where they stopped: its k in stage i is offset by what it read in stages 0..i-1, so nothing
+    is repeated or skipped. One stage is exactly `Mixture(weights, seed)`."""
+
+    def __init__(self, stages: Sequence[tuple[int, Sequence[float]]], seed: int):
+        self.starts = [int(s) for s, _ in stages]
+        if not self.starts or self.starts[0] != 0 or any(b <= a for a, b in zip(self.starts, self.starts[1:])):
+            raise ValueError(f"stage starts must begin at 0 and increase, got {self.starts}")
+        # Stage 0 keeps the run's seed, so an unstaged run draws exactly what it did before stages existed.
+        self.parts = [Mixture(w, seed if i == 0 else _splitmix64(seed * 1000003 + i)) for i, (_, w) in enumerate(stages)]
+        if len({p.num_sources for p in self.parts}) != 1:
+            raise ValueError("every stage needs one weight per source")
+        self.offsets = [np.zeros(self.num_sources, dtype=np.int64)]
+        for i in range(1, len(stages)):
+            self.offsets.append(self.offsets[-1] + self.parts[i - 1].counts(self.starts[i] - self.starts[i - 1]))
+
+    @property
+    def num_sources(self) -> int:
+        return self.parts[0].num_sources
+
+    def stage_of(self, g: np.ndarray | Sequence[int]) -> np.ndarray:
+        return np.searchsorted(self.starts, np.asarray(g, dtype=np.int64), side="right") - 1
+
+    def locate(self, g: np.ndarray | Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(source, k) for each global index: sample g is the k-th sample the run draws from its source."""
+        g = np.asarray(g, dtype=np.int64)
+        src, k = np.empty_like(g), np.empty_like(g)
+        stage = self.stage_of(g)
+        for i in np.unique(stage):
+            sel = stage == i
+            s, kk = self.parts[i].locate(g[sel] - self.starts[i])
+            src[sel], k[sel] = s, kk + self.offsets[i][s]
+        return src, k
+
+    def counts(self, n: int) -> np.ndarray:
+        """How many of the first n samples each source received (over all stages)."""
+        i = int(self.stage_of([max(n - 1, 0)])[0])
+        return self.offsets[i] + self.parts[i].counts(n - self.starts[i])
+
+    def stage_counts(self, i: int, n: int) -> np.ndarray:
+        """How many of stage i's first n samples each source received."""
+        return self.parts[i].counts(n)

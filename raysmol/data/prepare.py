@@ -12,6 +12,16 @@ and marks the preparation complete.
 The output folder is `<cache_dir>/prepared/<source>-<hash of inputs>/`, the hash covering the files
 (path, size, mtime), the reading options, the tokenizer identity and this module's version: preparing again
 with the same inputs finds the manifest and does nothing.
+
+Budgets: a source is prepared up to a token budget (`token_budgets`: derived from the run's stages, a source's
+`max_tokens`, or the whole source), not necessarily whole. What is prepared is always a prefix of the item list,
+and the granularity is one work item: the prefix is the shortest one whose training tokens reach the budget, so
+it holds at most one item's tokens more. Items are tokenized in rounds, each sized from the tokens per byte (or
+per row group) seen so far; items a round tokenized past the budget are dropped. The budget is not part of the
+folder's hash: the manifest records how many items are prepared, and a larger budget tokenizes only the items
+after that prefix and appends their shards (the earlier shards, and so the stream read from them, are left as
+they are). The split manifests are written before the source manifest, and readers trust the source manifest's
+item count, so a crash in the middle of an extension leaves the previous preparation intact and usable.
 """
 
 from __future__ import annotations
@@ -21,9 +31,11 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
+import shutil
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +44,11 @@ import pyarrow.fs as pafs
 
 from raysmol import storage
 from raysmol.config import Config, SourceConfig
+from raysmol.data.store import MAX_BLOCK
 
 log = logging.getLogger(__name__)
 
-PREPARE_VERSION = 1
+PREPARE_VERSION = 2  # 2: sources prepared up to a budget, as a prefix of the work items that can be extended
 _EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".txt": "text", ".md": "text"}
 _ITEM_BYTES = 4 << 20  # the largest work item (bytes of jsonl/text)
 _MIN_ITEM_BYTES = 1 << 20
@@ -51,10 +64,22 @@ class PreparedSource:
     name: str
     uri: str  # the content-addressed folder (local path or object-store URI)
     manifest: dict[str, Any]
+    tokenized: tuple[int, ...] = ()  # the work items this call tokenized (empty: all came from the cache)
+    budget: int | None = None  # this call's budget in training tokens (None: the whole source)
 
     def split_dir(self, split: str) -> Path:
-        """A local folder holding the split (object-store folders are copied to a node-local cache once)."""
-        return local_copy(storage.join(self.uri, split))
+        """A local folder holding the split (object-store folders are copied to a node-local cache once per
+        prepared prefix)."""
+        return local_copy(storage.join(self.uri, split), self.manifest["items"]["prepared"])
+
+    def describe(self) -> str:
+        """One line for logs and the CLI: budget, tokens prepared, whether the whole source was read."""
+        m = self.manifest
+        sp, it = m["splits"], m["items"]
+        budget = "whole source" if self.budget is None else f"budget {self.budget:,} tokens"
+        read = "whole source read" if m["complete"] else f"{it['prepared']}/{it['total']} items read"
+        return (f"{self.name}: {budget}; {sp['train']['docs']:,} docs, {sp['train']['tokens']:,} tokens "
+                f"(+{sp['val']['tokens']:,} validation), {read}, skipped {m['skipped']} -> {self.uri}")
 
 
 # ---------------------------------------------------------------- locating files
@@ -259,27 +284,97 @@ def _save_npy(uri: str, arr: np.ndarray) -> None:
     storage.write_bytes(uri, buf.getvalue())
 
 
+# ---------------------------------------------------------------- budgets
+
+
+def token_budgets(cfg: Config) -> list[int | None]:
+    """Training-split tokens to prepare for each data.sources entry; None = the whole source.
+
+    A source's max_tokens wins; otherwise data.budget "all" is the whole source and "run" is what this run reads
+    from the source: over the stages, (end - start) steps x train.global_batch_tokens x the source's normalised
+    weight, times 1 + data.budget_margin (at least 1 token, so a source at weight 0 still has a stream), plus one
+    shuffle block where reads go through fixed-size blocks."""
+    plan = cfg.data.stage_plan(cfg.train) if cfg.data.budget == "run" else []
+    out: list[int | None] = []
+    for i, src in enumerate(cfg.data.sources):
+        if src.max_tokens is not None:
+            out.append(src.max_tokens)
+        elif cfg.data.budget == "all":
+            out.append(None)
+        else:
+            need = sum((st.end - st.start) * cfg.train.global_batch_tokens * st.weights[i] for st in plan)
+            budget = need * (1 + cfg.data.budget_margin)
+            block = MAX_BLOCK * cfg.train.seq_len
+            if cfg.data.shuffle and budget >= block:
+                # Shuffled reads of a source this long go through fixed blocks of MAX_BLOCK windows in random
+                # order (data/store.py): the block being read must lie wholly inside what is prepared.
+                budget += block
+            out.append(max(1, math.ceil(budget)))
+    return out
+
+
+def _covers(manifest: dict[str, Any], budget: int | None) -> bool:
+    return manifest["complete"] or (budget is not None and manifest["splits"]["train"]["tokens"] >= budget)
+
+
+def prefix_manifest(split_manifest: dict[str, Any], items: int) -> dict[str, Any]:
+    """A split manifest cut back to the shards of the first `items` work items."""
+    shards = [s for s in split_manifest["shards"] if s["item"] < items]
+    return {**split_manifest, "items": items, "docs": sum(s["docs"] for s in shards),
+            "tokens": sum(s["num_tokens"] for s in shards), "shards": shards}
+
+
+def _load_manifest(uri: str) -> dict[str, Any] | None:
+    """The source manifest of a prepared folder (None: nothing prepared), with its split manifests made to agree.
+
+    The split manifests of an extension are written before the source manifest, so a crash in between leaves
+    split manifests listing more items than the source manifest: they are cut back to its prefix (the extra
+    shards are complete but unread; the next extension writes the same bytes again)."""
+    manifest_uri = storage.join(uri, "manifest.json")
+    if not storage.exists(manifest_uri):
+        return None
+    manifest = json.loads(storage.read_text(manifest_uri))
+    n = manifest["items"]["prepared"]
+    for split in ("train", "val"):
+        split_uri = storage.join(uri, split, "manifest.json")
+        data = json.loads(storage.read_text(split_uri))
+        if data["items"] < n:
+            raise DataError(f"{split_uri} lists {data['items']} work items but {manifest_uri} lists {n}: two "
+                            f"preparations of source {manifest['source']!r} overlapped; delete {uri} and prepare again")
+        if data["items"] > n:
+            log.warning("source %s: an extension of %s did not finish; keeping its first %d work items",
+                        manifest["source"], uri, n)
+            storage.write_text(split_uri, json.dumps(prefix_manifest(data, n)))
+    return manifest
+
+
 # ---------------------------------------------------------------- the driver
 
 
 def prepare(cfg: Config, tokenizer, *, show_progress: bool = True) -> list[PreparedSource]:
-    """Prepare every source of `cfg` that is not prepared yet, all in one Ray Data pipeline (start-up is paid
-    once and small sources do not leave CPUs idle); returns every source, in config order."""
+    """Prepare every source of `cfg` up to its budget (`token_budgets`), all in one Ray Data pipeline per round
+    (start-up is paid once per round and small sources do not leave CPUs idle); returns every source, in config
+    order. A source already prepared up to its budget costs nothing; one prepared to a smaller budget is
+    extended."""
     cache = cfg.data.cache_dir if storage.is_remote(cfg.data.cache_dir) else os.path.expanduser(cfg.data.cache_dir)
+    budgets = token_budgets(cfg)
     done: dict[int, PreparedSource] = {}
     pending = []
     for i, src in enumerate(cfg.data.sources):
         files, fmt, prefix = resolve_files(src, cfg.data.cache_dir)
         key = _fingerprint(src, files, fmt, prefix, tokenizer.identity, cfg.data.val_fraction)
         uri = storage.join(cache, "prepared", f"{src.name}-{key}")
-        manifest_uri = storage.join(uri, "manifest.json")
-        if storage.exists(manifest_uri):
-            log.info("source %s: already prepared at %s", src.name, uri)
-            done[i] = PreparedSource(src.name, uri, json.loads(storage.read_text(manifest_uri)))
+        manifest = _load_manifest(uri)
+        if manifest is not None and _covers(manifest, budgets[i]):
+            done[i] = PreparedSource(src.name, uri, manifest, budget=budgets[i])
         else:
-            pending.append((i, src, files, fmt, prefix, uri))
+            pending.append(_Job(i, src, files, fmt, prefix, uri, budgets[i], manifest))
     if pending:
         done.update(_run(pending, cfg, tokenizer, show_progress))
+    for i in sorted(done):
+        s = done[i]
+        log.info("%s%s", s.describe(), f" ({len(s.tokenized)} work items tokenized now)" if s.tokenized else
+                 " (already prepared)")
     return [done[i] for i in range(len(cfg.data.sources))]
 
 
@@ -288,31 +383,106 @@ def item_bytes(total_bytes: int, cpus: int) -> int:
     return min(_ITEM_BYTES, max(_MIN_ITEM_BYTES, total_bytes // max(1, _ITEMS_PER_CPU * cpus)))
 
 
-def _run(pending: list, cfg: Config, tokenizer, show_progress: bool) -> dict[int, PreparedSource]:
+@dataclass
+class _Job:
+    """One source that `_run` prepares or extends: its items, the prefix prepared before, the rows tokenized now."""
+
+    index: int
+    src: SourceConfig
+    files: list[str]
+    fmt: str
+    prefix: str
+    uri: str
+    budget: int | None
+    manifest: dict[str, Any] | None  # the preparation being extended (None: nothing prepared yet)
+    items: list[dict[str, Any]] = field(default_factory=list)
+    rows: list[dict[str, Any]] = field(default_factory=list)  # counts of the items tokenized now, in item order
+
+    @property
+    def start(self) -> int:
+        return self.manifest["items"]["prepared"] if self.manifest else 0
+
+    def tokens(self) -> int:
+        """Training tokens of the prepared prefix and of the items tokenized so far."""
+        before = self.manifest["splits"]["train"]["tokens"] if self.manifest else 0
+        return before + sum(r["train_tokens"] for r in self.rows)
+
+    def _size(self, item: dict[str, Any]) -> int:
+        return 1 if self.fmt == "parquet" else item["end"] - item["start"]  # a row group's rows: unknown, count 1
+
+    def next_round(self, wave: int) -> list[dict[str, Any]]:
+        """The items to tokenize next: none once the budget is reached or the items run out; else as many as the
+        tokens per byte (row group) seen so far say reach the budget, plus a tenth so that a third round is
+        rare. Before any estimate: a byte range holds at most about as many tokens as bytes, so the
+        items covering `budget` bytes are needed anyway; and at least `wave` items (this source's share of one wave
+        of work: a wave costs no more wall time than one item, a round more costs a pipeline start-up)."""
+        have, nxt = self.tokens(), self.start + len(self.rows)
+        left = self.items[nxt:]
+        if not left or (self.budget is not None and have >= self.budget):
+            return []
+        if self.budget is None:
+            return left
+        need = self.budget - have
+        seen = sum(self._size(it) for it in self.items[:nxt])
+        if have > 0:
+            target, floor = need / (have / max(seen, 1)) * 1.1, 1
+        else:
+            target, floor = (0 if self.fmt == "parquet" else need), wave
+        n, acc = 0, 0
+        while n < len(left) and acc < target:
+            acc += self._size(left[n])
+            n += 1
+        return left[: max(n, floor)]
+
+
+def _run(pending: list[_Job], cfg: Config, tokenizer, show_progress: bool) -> dict[int, PreparedSource]:
     import ray
 
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    total = sum(_total_bytes(files, prefix) for _, _, files, fmt, prefix, _ in pending if fmt != "parquet")
-    size = item_bytes(total, cpus)
-    items, sources = [], {}
-    for i, src, files, fmt, prefix, uri in pending:
-        items += [{**it, "source": i} for it in work_items(files, fmt, prefix, size)]
-        sources[i] = {"fmt": fmt, "text_field": src.text_field, "prefix": prefix, "out_uri": uri}
+    fresh = sum(_total_bytes(j.files, j.prefix) for j in pending if j.manifest is None and j.fmt != "parquet")
+    size = item_bytes(fresh, cpus)
+    sizes, sources = {}, {}
+    for j in pending:
+        # An extension keeps the item size its prefix was cut with: the prefix must stay a prefix of the list.
+        sizes[j.index] = j.manifest["inputs"]["item_bytes"] if j.manifest else size
+        j.items = [{**it, "source": j.index} for it in work_items(j.files, j.fmt, j.prefix, sizes[j.index])]
+        sources[j.index] = {"fmt": j.fmt, "text_field": j.src.text_field, "prefix": j.prefix, "out_uri": j.uri}
     setup = {"identity": tokenizer.identity, "tokenizer_json": tokenizer.json_path.read_text(),
              "eos_id": tokenizer.eos_id, "val_fraction": cfg.data.val_fraction, "sources": sources,
              "dtype": "uint16" if tokenizer.vocab_size <= 2**16 else "uint32"}
     ray.data.DataContext.get_current().enable_progress_bars = show_progress
-    rows = (ray.data.from_items(items, override_num_blocks=len(items))
-            .map_batches(_tokenize_batch, batch_size=1, fn_kwargs={"setup": setup}, num_cpus=1)
-            .take_all())
+    share = max(1, cpus // len(pending))  # the first round of all sources together is one wave
+    while True:
+        todo = {j.index: j.next_round(share) for j in pending}
+        batch = [it for items in todo.values() for it in items]
+        if not batch:
+            break
+        log.info("tokenizing %s", ", ".join(f"{j.src.name}: items {todo[j.index][0]['index']}-"
+                                           f"{todo[j.index][-1]['index']} of {len(j.items)}"
+                                           for j in pending if todo[j.index]))
+        rows = (ray.data.from_items(batch, override_num_blocks=len(batch))
+                .map_batches(_tokenize_batch, batch_size=1, fn_kwargs={"setup": setup}, num_cpus=1)
+                .take_all())
+        for j in pending:
+            j.rows += sorted((r for r in rows if r["source"] == j.index), key=lambda r: r["index"])  # stream order
     out = {}
-    for i, src, files, fmt, _, uri in pending:
-        mine = sorted((r for r in rows if r["source"] == i), key=lambda r: r["index"])  # item order = stream order
-        manifest = _write_manifests(uri, src, files, fmt, tokenizer, mine, setup["dtype"])
+    for j in pending:
+        # The shortest prefix that reaches the budget: items a round tokenized past it are dropped.
+        kept, have = [], j.tokens() - sum(r["train_tokens"] for r in j.rows)
+        for r in j.rows:
+            if j.budget is not None and have >= j.budget:
+                break
+            kept.append(r)
+            have += r["train_tokens"]
+        for r in j.rows[len(kept):]:
+            for split in ("train", "val"):
+                for kind in ("tokens", "lens"):
+                    storage.remove_tree(storage.join(j.uri, split, f"{r['index']:06d}.{kind}.npy"))
+        manifest = _write_manifests(j, kept, tokenizer, setup["dtype"], sizes[j.index])
         if manifest["splits"]["train"]["tokens"] == 0:
-            raise DataError(f"source {src.name!r}: no text in {src.path!r} ({manifest['skipped']}); "
-                            f"check the path, the format ({fmt}) and the text field ({src.text_field!r})")
-        out[i] = PreparedSource(src.name, uri, manifest)
+            raise DataError(f"source {j.src.name!r}: no text in {j.src.path!r} ({manifest['skipped']}); "
+                            f"check the path, the format ({j.fmt}) and the text field ({j.src.text_field!r})")
+        out[j.index] = PreparedSource(j.src.name, j.uri, manifest, tuple(r["index"] for r in j.rows), j.budget)
     return out
 
 
@@ -321,28 +491,51 @@ def _total_bytes(files: list[str], prefix: str) -> int:
     return sum(i.size or 0 for i in fs.get_file_info(files))
 
 
-def _write_manifests(uri: str, src: SourceConfig, files: list[str], fmt: str, tokenizer, rows: list[dict], dtype: str) -> dict:
+def _write_manifests(job: _Job, rows: list[dict], tokenizer, dtype: str, item_size: int) -> dict:
+    """Append the shards of `rows` (the items after the job's prefix) to the split manifests, then write the
+    source manifest: last, since it marks completion and its item count is what readers trust."""
+    uri, src, old = job.uri, job.src, job.manifest
+    n = job.start + len(rows)
     splits = {}
     for split in ("train", "val"):
-        shards = [{"tokens": f"{r['index']:06d}.tokens.npy", "lens": f"{r['index']:06d}.lens.npy",
-                   "docs": r[f"{split}_docs"], "num_tokens": r[f"{split}_tokens"]} for r in rows if r[f"{split}_docs"]]
+        split_uri = storage.join(uri, split, "manifest.json")
+        shards = json.loads(storage.read_text(split_uri))["shards"] if old else []  # already cut to the prefix
+        shards += [{"item": r["index"], "tokens": f"{r['index']:06d}.tokens.npy", "lens": f"{r['index']:06d}.lens.npy",
+                    "docs": r[f"{split}_docs"], "num_tokens": r[f"{split}_tokens"]} for r in rows if r[f"{split}_docs"]]
         summary = {"docs": sum(s["docs"] for s in shards), "tokens": sum(s["num_tokens"] for s in shards)}
-        storage.write_text(storage.join(uri, split, "manifest.json"), json.dumps({**summary, "dtype": dtype, "shards": shards}))
+        storage.write_text(split_uri, json.dumps({**summary, "dtype": dtype, "items": n, "shards": shards}))
         splits[split] = summary
     manifest = {
         "version": PREPARE_VERSION,
         "source": src.name,
-        "inputs": {"path": src.path, "files": files, "format": fmt, "text_field": src.text_field},
+        "inputs": {"path": src.path, "files": job.files, "format": job.fmt, "text_field": src.text_field,
+                   "item_bytes": item_size},
         "tokenizer": {"spec": tokenizer.spec, "identity": tokenizer.identity, "eos_id": tokenizer.eos_id,
                       "vocab_size": tokenizer.vocab_size},
+        "items": {"prepared": n, "total": len(job.items)},
+        "budget": job.budget,  # the budget this prefix was prepared for (None: the whole source)
+        "complete": n == len(job.items),
         "splits": splits,
-        "skipped": {k: sum(r[k] for r in rows) for k in ("empty", "invalid_utf8", "invalid_json")},
+        "skipped": {k: (old["skipped"][k] if old else 0) + sum(r[k] for r in rows)
+                    for k in ("empty", "invalid_utf8", "invalid_json")},
     }
     if splits["train"]["tokens"]:
         storage.write_text(storage.join(uri, "manifest.json"), json.dumps(manifest, indent=1))  # last: marks completion
     return manifest
 
 
-def local_copy(uri: str) -> Path:
-    """A local folder with the contents of `uri`; object-store folders are downloaded once per node."""
-    return storage.local_copy(uri, "manifest.json")
+def local_copy(uri: str, items: int) -> Path:
+    """A local folder holding the split at `uri` as its first `items` work items make it. Object-store folders are
+    downloaded once per node and prepared prefix: an extension appends shards, so a copy of a shorter prefix is
+    stale, and one taken during an extension may list items the caller's manifest does not (they are cut off)."""
+    if not storage.is_remote(uri):
+        return Path(uri)
+    name = hashlib.sha256(uri.encode()).hexdigest()[:16]
+    dest = Path(os.path.expanduser("~/.cache/raysmol/remote")) / f"{name}-{items}"
+    if not (dest / "manifest.json").exists():
+        tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
+        storage.download_dir(uri, tmp)
+        split_manifest = tmp / "manifest.json"
+        split_manifest.write_text(json.dumps(prefix_manifest(json.loads(split_manifest.read_text()), items)))
+        os.replace(tmp, dest) if not dest.exists() else shutil.rmtree(tmp)
+    return dest

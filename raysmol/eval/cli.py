@@ -3,14 +3,17 @@
     raysmol eval CHECKPOINT [CHECKPOINT ...] --suite eval/suites/tiny.yaml     CF/MCF through LightEval
     raysmol eval CHECKPOINT [CHECKPOINT ...] --task gsm8k|humaneval            generate with engine actors, score
     raysmol eval --task gsm8k|humaneval --predictions FILE.jsonl               score given completions
+    raysmol eval RUN_DIR [RUN_DIR ...] --exports --suite FILE | --task ...      every export of a run, by step
 
-Results land under `--out` (JSON per checkpoint and task); with several checkpoints a PNG compares them.
+Results land under `--out` (JSON per checkpoint and task); with several checkpoints a PNG compares them; with
+--exports a PNG and a JSON give each run's scores against the training step.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import Any
@@ -27,6 +30,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="Hugging Face model folder (save_pretrained) or a run directory (uses its hf/)")
     p.add_argument("--suite", help="suite YAML, e.g. eval/suites/smollm3_ablation.yaml")
     p.add_argument("--out", default="eval_results", help="results folder (default: ./eval_results)")
+    p.add_argument("--exports", action="store_true",
+                   help="each CHECKPOINT is a run directory: score each of its exports (exports/step_*/, from "
+                        "train.export_every or `raysmol export`, and the final hf/); plot score against step in "
+                        "OUT/exports.png, scores in OUT/exports.json")
     p.add_argument("--max-samples", type=int, default=None, help="suite: samples per task (overrides the suite)")
     p.add_argument("--batch-size", type=int, default=64, help="suite: sequences per forward pass (default 64)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="suite: default cpu")
@@ -53,7 +60,12 @@ def run(args) -> int:
     if bool(args.suite) == bool(args.task):
         return _usage("give exactly one of --suite FILE and --task gsm8k|humaneval")
     scores: dict[str, dict[str, tuple[float, float]]] = {}
-    for ckpt in args.checkpoints:
+    # (what to evaluate, (run, step) when it is one of a run's exports)
+    targets: list[tuple[str, tuple[str, int] | None]] = [(c, None) for c in args.checkpoints]
+    if args.exports:
+        targets = [(folder, (run, step)) for run in args.checkpoints for step, folder in run_exports(run)]
+    curves: dict[str, list[dict[str, Any]]] = {}
+    for ckpt, at in targets:
         folder = cf.resolve_checkpoint(ckpt)
         started = time.time()
         if args.suite:
@@ -68,9 +80,75 @@ def run(args) -> int:
             scores[name] = {res["task"]: (res["score"], res["stderr"])}
         _book(args, name, time.time() - started)
         print(f"{name}: results in {storage.join(args.out, name)}")
-    if len(scores) > 1:
+        if at is not None:
+            curves.setdefault(at[0], []).append({"step": at[1], "model": name, "path": str(folder),
+                                                 "scores": scores[name]})
+    if curves:
+        print(format_curves(curves))
+        print(f"scores by step: {exports_plot(curves, args.out)}")
+    elif len(scores) > 1:
         print(f"comparison plot: {compare_plot(scores, args.out)}")
     return 0
+
+
+def run_exports(run: str) -> list[tuple[int, str]]:
+    """(step, folder) of every export of run directory `run`, oldest first: exports/step_*/ and the final hf/ (its
+    step from summary.json), unless an export of that step is already there."""
+    from raysmol.model.folder import ModelFolderError
+    from raysmol.train.export import exports
+
+    run = run if storage.is_remote(run) else os.path.abspath(os.path.expanduser(run))
+    found = exports(run)
+    final, summary = storage.join(run, "hf"), storage.join(run, "summary.json")
+    if storage.exists(storage.join(final, "config.json")):
+        if storage.exists(summary):
+            step = json.loads(storage.read_text(summary))["steps"]
+            if step not in {s for s, _ in found}:
+                found.append((step, final))
+        else:
+            print(f"raysmol eval: note: {final} skipped: no summary.json says which step it is", file=sys.stderr)
+    if not found:
+        raise ModelFolderError(f"--exports: {run!r} holds no exports (exports/step_<step>/ or hf/): give a run "
+                               "directory trained with train.export_every, or make exports with `raysmol export "
+                               "<run>/checkpoints/checkpoint_<step>`")
+    return sorted(found)
+
+
+def format_curves(curves: dict[str, list[dict[str, Any]]]) -> str:
+    """One table per run: a row per export, a column per task (score ± stderr)."""
+    out = []
+    for run, points in curves.items():
+        tasks = sorted({t for p in points for t in p["scores"]})
+        out.append(run)
+        out.append(" | ".join(["step", *tasks, "model"]))
+        for p in sorted(points, key=lambda p: p["step"]):
+            cells = [f"{p['scores'][t][0]:.4f} ± {p['scores'][t][1]:.4f}" if t in p["scores"] else "-" for t in tasks]
+            out.append(" | ".join([str(p["step"]), *cells, p["model"]]))
+    return "\n".join(out)
+
+
+def exports_plot(curves: dict[str, list[dict[str, Any]]], out: str) -> str:
+    """Score against training step: a line per run and task, stderr as error bars; the numbers in exports.json."""
+    from raysmol.rundir import pyplot, save_figure
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for run, points in curves.items():
+        points = sorted(points, key=lambda p: p["step"])
+        label = run.rstrip("/").rsplit("/", 1)[-1]
+        for t in sorted({t for p in points for t in p["scores"]}):
+            pts = [(p["step"], *p["scores"][t]) for p in points if t in p["scores"]]
+            ax.errorbar([x[0] for x in pts], [x[1] for x in pts], yerr=[x[2] for x in pts], marker="o", capsize=3,
+                        label=f"{label}: {t}" if len(curves) > 1 else t)
+    if len(curves) == 1:
+        ax.set_title(next(iter(curves)).rstrip("/").rsplit("/", 1)[-1])
+    ax.set_xlabel("step")
+    ax.set_ylabel("score")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    path = save_figure(fig, storage.join(out, "exports.png"))
+    storage.write_text(storage.join(out, "exports.json"), json.dumps(curves, indent=1) + "\n")
+    return path
 
 
 def _freeform(args, folder) -> tuple[str, dict[str, Any]]:

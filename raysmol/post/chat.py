@@ -171,8 +171,8 @@ class ChatBatches(Batches):
         b.extras = {k: torch.from_numpy(v[rows]) for k, v in self.extras.items()}
         return b
 
-    def epochs(self, step: int) -> dict[str, float]:
-        return {self.name: (step + 1) * self.samples_per_step / self.rows}
+    def position(self, step: int) -> dict:
+        return {"epochs": {self.name: (step + 1) * self.samples_per_step / self.rows}}
 
 
 def read_conversations(uri: str, key: str = "messages") -> list[tuple[str, list[dict]]]:

@@ -46,7 +46,7 @@ def _score(spec: str, groups: list[list[str]], rows: list[dict]) -> list[list[fl
 
 
 class Rollouts(Hook):
-    """GRPO's data source for the training loop (`micro_batches`, `epochs`) and its hook: the weights go to the
+    """GRPO's data source for the training loop (`micro_batches`, `position`) and its hook: the weights go to the
     engines after every restore and update, the held-out prompts are scored at every validation. Built on the
     driver; the training workers get a copy holding the same engine actors."""
 
@@ -248,8 +248,8 @@ class Rollouts(Hook):
         """What rank 0 adds to a logged row: rollout and sync times, engine restarts, the last sync check."""
         return dict(self.stats) if self.rank == 0 else {}
 
-    def epochs(self, step: int) -> dict[str, float]:
-        return {"grpo": (step + 1) * self.cfg.grpo.prompts_per_step / len(self.train)}
+    def position(self, step: int) -> dict[str, Any]:
+        return {"epochs": {"grpo": (step + 1) * self.cfg.grpo.prompts_per_step / len(self.train)}}
 
     def shutdown(self) -> None:
         self.pool.shutdown()

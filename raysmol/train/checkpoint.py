@@ -112,11 +112,38 @@ def newest_valid(checkpoints_uri: str, local_root: Path) -> tuple[Path | None, d
     return None, None, rejected
 
 
-def prune(checkpoints_uri: str, keep: int) -> list[str]:
+def kept(step: int, keep_every: int) -> bool:
+    """A checkpoint kept for good (train.keep_every): never pruned, by `prune` or by Ray Train."""
+    return keep_every > 0 and step % keep_every == 0
+
+
+RETENTION_METRIC = "retention"
+
+
+def ray_retention(train) -> dict[str, Any]:
+    """Ray Train's CheckpointConfig arguments for `train` (keep_checkpoints, keep_every).
+
+    Ray deletes the registered checkpoints outside its `num_to_keep` best, and raysmol may not delete a registered
+    one itself (Ray's restore then fails on the missing folder). So kept checkpoints are made Ray's best: every
+    report carries `retention_score` (kept: above every step; others: the step) and Ray keeps the top
+    keep_checkpoints + steps // keep_every, which holds every kept checkpoint (keep_every is a multiple of
+    checkpoint_every, so there are at most that many) plus at least the newest keep_checkpoints others; until the
+    kept ones fill their slots, Ray holds that many of the newest instead."""
+    if not train.keep_every:
+        return {"num_to_keep": train.keep_checkpoints}
+    return {"num_to_keep": train.keep_checkpoints + train.steps // train.keep_every,
+            "checkpoint_score_attribute": RETENTION_METRIC, "checkpoint_score_order": "max"}
+
+
+def retention_score(step: int, keep_every: int) -> float:
+    return float(step + (1 << 40 if kept(step, keep_every) else 0))
+
+
+def prune(checkpoints_uri: str, keep: int, keep_every: int = 0) -> list[str]:
     """Remove what Ray Train's own retention (num_to_keep) never sees: torn folders (no state.json) and complete
     folders whose registration was lost, once older than the newest `keep` complete checkpoints. Folders Ray has
     registered are left to Ray (deleting one under it fails the run); nothing newer than the newest complete
-    checkpoint is touched (it may be an upload in flight)."""
+    checkpoint is touched (it may be an upload in flight); complete folders at a multiple of `keep_every` stay."""
     from raysmol import storage
 
     snapshot = storage.join(checkpoints_uri, "checkpoint_manager_snapshot.json")
@@ -129,11 +156,12 @@ def prune(checkpoints_uri: str, keep: int) -> list[str]:
             # Not knowing what Ray holds, delete nothing now; the next save prunes.
             return []
     removed, complete = [], 0
-    for _, uri in candidates(checkpoints_uri):
+    for step, uri in candidates(checkpoints_uri):
         has_state = storage.exists(storage.join(uri, STATE_FILE))
         if has_state:
             complete += 1
-        if not complete or (has_state and complete <= keep) or uri.rstrip("/").rsplit("/", 1)[-1] in registered:
+        if (not complete or (has_state and (complete <= keep or kept(step, keep_every)))
+                or uri.rstrip("/").rsplit("/", 1)[-1] in registered):
             continue
         storage.remove_tree(uri)
         removed.append(uri)
@@ -171,6 +199,24 @@ def full_state_dict(engine) -> dict[str, torch.Tensor] | None:
     if dist.get_rank() != 0:
         return None
     return {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+
+
+def consolidated_state_dict(folder: Path, zero_stage: int, train_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The whole model's weights from a checkpoint folder's DeepSpeed files, saved by any number of ranks, without
+    torch.distributed: what `full_state_dict` returned in the run when it was saved.
+
+    ZeRO 1-3 shard the fp32 master weights over the ranks' optimizer files; DeepSpeed's zero_to_fp32 joins them.
+    Stage 0 shards nothing: the module's own weights are in the model-states file. With `train_dtype` (bf16
+    training), the fp32 masters are rounded to it, as DeepSpeed rounds them into the module's weights after each
+    step: the run's own exports are those module weights."""
+    ds = folder / DS_TAG
+    if zero_stage == 0:
+        sd = torch.load(ds / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+        return {k: v.detach().clone() for k, v in sd.items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    sd = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=DS_TAG)
+    return {k: v.to(train_dtype).float() if train_dtype is not None else v for k, v in sd.items()}
 
 
 def export_hf(model, state_dict: dict[str, torch.Tensor], folder: Path) -> None:

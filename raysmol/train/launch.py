@@ -6,7 +6,6 @@ import json
 import os
 import threading
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import ray
@@ -16,6 +15,9 @@ from raysmol.config import Config
 from raysmol.model import flops_per_token, param_count
 from raysmol.rundir import MetricsFile, plot_loss, recovery_report, run_dir
 from raysmol.runtime import init_ray
+from raysmol.train import checkpoint as ckpt
+from raysmol.train import export
+from raysmol.train import resume_check
 from raysmol.train.hooks import Hook
 from raysmol.train.loop import train_func
 from raysmol.train.task import Task
@@ -45,8 +47,18 @@ def train(cfg: Config, task: Task, hooks: list[Hook] | tuple[Hook, ...] = (), *,
 
     init_ray()
     rd = run_dir(cfg)
+    # Before config.yaml is overwritten and any worker starts: a re-submission must not change the trajectory
+    # of the run it continues unless the config says so (raysmol/train/resume_check.py).
+    try:
+        resumed = resume_check.check(cfg, rd)
+    except BaseException:
+        task.close()  # what prepare started (GRPO's engine actors)
+        raise
     storage.makedirs(rd)
     storage.write_text(storage.join(rd, "config.yaml"), cfg.to_yaml())
+    # On run storage, which every node reaches: exports made by the workers (train.export_every) and `raysmol
+    # export` take the tokenizer from here; task.tokenizer_dir is on the driver's disk only.
+    export.copy_tokenizer(str(task.tokenizer_dir), storage.join(rd, export.TOKENIZER_DIR))
 
     # Pinned to the driver's node: placed anywhere, losing a worker node (spot loss) would take it along.
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -63,7 +75,7 @@ def train(cfg: Config, task: Task, hooks: list[Hook] | tuple[Hook, ...] = (), *,
         scaling_config=ScalingConfig(num_workers=_workers(t), use_gpu=t.use_gpu,
                                      resources_per_worker=None if t.use_gpu else {"CPU": 1}),
         run_config=RunConfig(name="checkpoints", storage_path=storage_path, storage_filesystem=storage_fs,
-                             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+                             checkpoint_config=CheckpointConfig(**ckpt.ray_retention(t)),
                              failure_config=FailureConfig(max_failures=t.max_failures)),
     )
     metrics = MetricsFile(storage.join(rd, "metrics.jsonl"))
@@ -74,10 +86,10 @@ def train(cfg: Config, task: Task, hooks: list[Hook] | tuple[Hook, ...] = (), *,
         task.close()
     wall = time.time() - started
 
-    for f in sorted(Path(task.tokenizer_dir).iterdir()):  # tokenizer files beside the weights rank 0 exported
-        if f.is_file() and not f.name.startswith("_"):
-            storage.write_bytes(storage.join(rd, "hf", f.name), f.read_bytes())
-    summary = {**_summary(cfg, metrics.rows, wall, result, rd), **task.summarise(cfg, metrics.rows)}
+    # The tokenizer files beside the weights rank 0 exported, and only those: a tokenizer taken from a model
+    # folder (continued pretraining) sits beside that folder's own weights, which must not replace the trained ones.
+    export.copy_tokenizer(str(task.tokenizer_dir), storage.join(rd, "hf"))
+    summary = {**_summary(cfg, metrics.rows, wall, result, rd), "resume": resumed, **task.summarise(cfg, metrics.rows)}
     storage.write_text(storage.join(rd, "summary.json"), json.dumps(summary, indent=1))
     ledger.record_run(rd, cfg, wall, metrics.rows, started, summary["recovery"])
     plot_loss(metrics.rows, rd)
@@ -151,6 +163,7 @@ def _summary(cfg: Config, rows: list[dict], wall: float, result, rd: str) -> dic
         "events": [r for r in rows if r.get("event") in ("spike", "rollback")],
         "recovery": recovery_report(rows),
         "export": storage.join(rd, "hf"),
+        "exports": [uri for _, uri in export.exports(rd)],  # train.export_every
         "data": {},  # the task's: per-source tokens and epochs for pretraining
     }
 

@@ -19,6 +19,7 @@ from raysmol import storage
 from raysmol.config import Config, from_dict
 from raysmol.model import flops_per_token, precision, prepare_for_training
 from raysmol.train import checkpoint as ckpt
+from raysmol.train import export, start
 from raysmol.train.faults import Drills
 from raysmol.train.guard import DataPlan, GuardedAdamW, GuardError, Sentry, SpikeGuard
 from raysmol.train.hooks import Context, Hooks
@@ -97,10 +98,15 @@ def train_func(loop_config: dict[str, Any]) -> None:
         found = _choose_checkpoint(ctx.run_dir, Path(tmp))
         # ZeRO 1-3 shard optimizer state by data-parallel rank: a checkpoint from another world size (an elastic
         # resize, a re-submission with more or fewer workers) is resharded through DeepSpeed's universal format.
-        universal = bool(found[1] and found[1]["world_size"] != ctx.world and t.zero_stage > 0)
+        begin = None if found[1] else getattr(task, "start", None)  # continued pretraining: carry from init_from
+        universal = (bool(found[1] and found[1]["world_size"] != ctx.world and t.zero_stage > 0)
+                     or start.universal_needed(begin, ctx.world, t.zero_stage))
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                config=deepspeed_config(cfg, ctx.world, universal))
         step, resumed_from = _resume(engine, ctx.run_dir, plan, hooks, rank, found, universal)
+        if begin:
+            conv = _to_universal(start.fetch(begin.checkpoint, Path(tmp)), begin.state["step"]) if universal else None
+            step = start.carry(engine, cfg, begin, plan, scheduler, base_lr, conv)
     optimizer.veto = sentry.veto
     objective = task.objective(cfg)
     ctx.engine, ctx.model, ctx.step = engine, model, step
@@ -128,7 +134,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
                 continue
         eval_due = (t.eval_every and step % t.eval_every == 0) or step == t.steps
         if window.due(step, eval_due):
-            row = {**window.row(step, engine, batches.epochs(plan.data_step(step - 1))), **hooks.collect("metrics", ctx)}
+            row = {**window.row(step, engine, batches.position(plan.data_step(step - 1))), **hooks.collect("metrics", ctx)}
             if eval_due:  # every rank evaluates (ZeRO-3 forwards are collective); rank 0 logs
                 row.update({**validate(engine, val, objective, cfg, rank, ctx.world, ctx.device),
                             **hooks.collect("evaluate", ctx)})
@@ -138,6 +144,9 @@ def train_func(loop_config: dict[str, Any]) -> None:
         if step % t.checkpoint_every == 0 or step == t.steps:
             _save_and_report(engine, ctx, plan, hooks)
             window.reset()  # checkpoint time is not step time
+        if t.export_every and step % t.export_every == 0:
+            _export_step(engine, model, ctx)
+            window.reset()
     sd = ckpt.full_state_dict(engine)
     if rank == 0:
         _export(model, sd, storage.join(ctx.run_dir, "hf"))
@@ -166,7 +175,7 @@ class Window:
     def due(self, step: int, eval_due: bool) -> bool:
         return step % self.t.log_every == 0 or bool(eval_due) or self.first
 
-    def row(self, step: int, engine, epochs: dict[str, float]) -> dict[str, Any]:
+    def row(self, step: int, engine, data: dict[str, Any]) -> dict[str, Any]:
         """The row for `step`, averaged over ranks (these all-reduces are the point of logging)."""
         self.first = False
         elapsed = time.perf_counter() - self.since
@@ -175,7 +184,7 @@ class Window:
                 "loss": _mean_across_ranks(torch.stack(self.losses).mean()), "grad_norm": _grad_norm(engine),
                 "lr": engine.get_lr()[0], "step_time": elapsed / self.steps, "tokens_per_s": tps,
                 "tokens_per_s_per_worker": tps / self.world,
-                "mfu": tps * self.tpf / (self.peak * self.world) if self.peak else None, "epochs": epochs,
+                "mfu": tps * self.tpf / (self.peak * self.world) if self.peak else None, **data,
                 **{k: _mean_across_ranks(torch.stack([e[k] for e in self.extras]).mean())
                    for k in (self.extras[0] if self.extras else ())}}
 
@@ -355,16 +364,19 @@ def _save_and_report(engine, ctx: Context, plan: DataPlan, hooks: Hooks) -> None
     dist.all_gather_object(rngs, ckpt.rng_state())
     state = {"step": step, "tokens": step * cfg.train.global_batch_tokens, "world_size": ctx.world,
              "zero_stage": cfg.train.zero_stage, "config_hash": cfg.hash(),
+             "config": cfg.to_dict(),  # what a re-submission is compared against (raysmol/train/resume_check.py)
              "data": {"next_sample": plan.data_step(step) * cfg.train.samples_per_step(), "plan": plan.to_dict()},
              "rng": rngs, "hooks": hooks.state_dict()}
     dir_name = f"checkpoint_{step:08d}"
     with tempfile.TemporaryDirectory(prefix="raysmol-ckpt-") as d:
         ckpt.save(engine, Path(d), state)
-        ray.train.report({"step": step}, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=dir_name,
+        # The retention score makes Ray Train keep the train.keep_every checkpoints (checkpoint.ray_retention).
+        metrics = {"step": step, ckpt.RETENTION_METRIC: ckpt.retention_score(step, cfg.train.keep_every)}
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=dir_name,
                          checkpoint_upload_fn=lambda c, name: _upload(c, name, ctx, hooks))
     hooks.call("after_checkpoint", ctx)
     if ctx.rank == 0:
-        ckpt.prune(storage.join(ctx.run_dir, "checkpoints"), cfg.train.keep_checkpoints)
+        ckpt.prune(storage.join(ctx.run_dir, "checkpoints"), cfg.train.keep_checkpoints, cfg.train.keep_every)
 
 
 def _upload(checkpoint, dir_name: str, ctx: Context, hooks: Hooks):
@@ -387,7 +399,15 @@ def _upload(checkpoint, dir_name: str, ctx: Context, hooks: Hooks):
     return ray.train.Checkpoint(path, filesystem=fs)
 
 
-def _export(model, state_dict, hf_uri: str) -> None:
-    with tempfile.TemporaryDirectory(prefix="raysmol-hf-") as d:
-        ckpt.export_hf(model, state_dict, Path(d))
-        storage.upload_dir(d, hf_uri)
+def _export(model, state_dict, hf_uri: str, tokenizer_uri: str | None = None) -> None:
+    export.write(model, state_dict, hf_uri, tokenizer_uri)
+
+
+def _export_step(engine, model, ctx: Context) -> None:
+    """exports/step_<step>/ (train.export_every): every rank calls this (the ZeRO-3 gather is collective). The
+    tokenizer comes from <run_dir>/tokenizer/, which the driver wrote: workers may not see the driver's disk."""
+    sd = ckpt.full_state_dict(engine)
+    if ctx.rank == 0:
+        uri = export.export_dir(ctx.run_dir, ctx.step)
+        _export(model, sd, uri, storage.join(ctx.run_dir, export.TOKENIZER_DIR))
+        ctx.log({"step": ctx.step, "event": "export", "path": uri})

@@ -22,7 +22,9 @@ class BatchSource(Protocol):
 
     def micro_batches(self, step: int, rank: int, world: int, micro: int) -> list[Batch]: ...
 
-    def epochs(self, step: int) -> dict[str, float]: ...
+    def position(self, step: int) -> dict[str, Any]:
+        """Keys for the metrics row after data step `step`: at least "epochs" (passes over each source)."""
+        ...
 
 
 class Task:
