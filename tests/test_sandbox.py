@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -36,10 +37,19 @@ def plain() -> Sandbox:
     return Sandbox(FAST, backend=Backend("none", sys.executable))
 
 
+def _host_dir() -> str:
+    """A folder outside the scratch folders the sandbox makes private (pytest's tmp_path sits in a root-only
+    folder under /tmp, and the sandbox's /tmp is its own), where everyone may enter."""
+    for d in ("/srv", "/opt", "/var/lib", str(Path.home())):
+        if os.path.isdir(d) and os.access(d, os.W_OK):
+            return d
+    pytest.skip("no writable folder outside /tmp for host files")
+
+
 @pytest.fixture
 def open_dir():
-    """A folder under /tmp that everyone may enter (pytest's tmp_path sits in a root-only folder)."""
-    d = Path(tempfile.mkdtemp(prefix="raysmol-sbx-test-", dir="/tmp"))
+    """A folder that everyone may enter, outside /tmp."""
+    d = Path(tempfile.mkdtemp(prefix="raysmol-sbx-test-", dir=_host_dir()))
     d.chmod(0o755)
     yield d
     for p in sorted(d.rglob("*"), reverse=True):
@@ -103,6 +113,34 @@ def test_no_writes_outside_the_work_folder(box, plain, open_dir):
     for path in ("/dev/shm/planted", "/var/tmp/planted"):  # bwrap gives a private /dev/shm: allowed, unseen
         box.run(f"open({path!r}, 'w').write('x')")
         assert not Path(path).exists()
+
+
+def test_scratch_folders_are_private_and_empty(box, plain, tmp_path_factory):
+    """World-readable files in the host's /tmp (and Ray's session folder there) are not visible; /tmp, /var/tmp,
+    /dev/shm and /run are empty and writable, and what is written there never reaches the host."""
+    planted = Path(tempfile.mkdtemp(prefix="raysmol-sbx-planted-", dir="/tmp"))
+    try:
+        planted.chmod(0o755)
+        (planted / "notes.txt").write_text("host secret")
+        (planted / "notes.txt").chmod(0o644)
+        probe = (f"import os\nprint(open({str(planted / 'notes.txt')!r}).read())\n")
+        assert plain.run(probe).stdout == "host secret\n"  # the probe works outside the sandbox
+        r = box.run(probe)
+        assert r.status == "error" and "FileNotFoundError" in r.stderr, r.stderr
+        listing = box.run("import os, json\nprint(json.dumps({d: sorted(os.listdir(d)) for d in "
+                          "('/tmp', '/var/tmp', '/dev/shm', '/run') if os.path.isdir(d)}))")
+        seen = json.loads(listing.stdout)
+        # /tmp holds the program's own work folder and nothing of the host's (planted files, /tmp/ray, ...)
+        assert len(seen["/tmp"]) == 1 and seen["/tmp"][0].startswith("raysmol-sandbox-"), seen
+        assert all(v == [] for k, v in seen.items() if k != "/tmp"), seen
+        assert len(os.listdir("/tmp")) > 1  # the host's /tmp is not empty: there was something to hide
+        w = box.run("open('/tmp/x', 'w').write('y'); open('/dev/shm/x', 'w').write('y'); print('wrote')")
+        assert w.stdout == "wrote\n", w.stderr
+        assert not Path("/tmp/x").exists() and not Path("/dev/shm/x").exists()
+    finally:
+        for p in sorted(planted.rglob("*"), reverse=True):
+            p.unlink()
+        planted.rmdir()
 
 
 def test_work_folder_is_size_capped(box):

@@ -2,7 +2,8 @@
 
 Every program runs as an unprivileged user with no network (a fresh network namespace: loopback included),
 its own PID namespace (a fork bomb or a stray daemon dies with the program), a read-only view of the whole
-file system, a private size-capped work folder as the only writable place, and rlimits on CPU time, address
+file system, empty private `/tmp`, `/var/tmp`, `/dev/shm` and `/run` (so nothing other programs leave there,
+Ray's session folder included, is visible), a private size-capped work folder, and rlimits on CPU time, address
 space, file size, open files and processes, under a wall-clock timeout that kills the whole namespace.
 
 Backends (the first that works is used; `SandboxUnavailable` names what each one lacks):
@@ -102,6 +103,13 @@ if s["isolate"]:
         for o in opts:
             flags |= keep.get(o, 0)
         mount(None, point, None, flags, None)
+    # Empty private scratch folders over the host's: world-readable files other programs leave in /tmp, Ray's
+    # session folder (/tmp/ray) and shared memory stay out of sight. The work folder (itself under /tmp) is
+    # made again inside the new /tmp; its program text was read above.
+    for d in (b"/tmp", b"/var/tmp", b"/dev/shm", b"/run"):
+        if os.path.isdir(d):
+            mount(b"tmpfs", d, b"tmpfs", NOSUID | NODEV, ("size=%dm,mode=1777" % s["file_mb"]).encode())
+    os.makedirs(w, exist_ok=True)
     mount(b"tmpfs", os.fsencode(w), b"tmpfs", NOSUID | NODEV,
           ("size=%dm,mode=0700,uid=%d,gid=%d" % (s["file_mb"], s["uid"], s["uid"])).encode())
     with open(os.path.join(w, "main.py"), "wb") as f:
@@ -210,7 +218,10 @@ def _command(backend: Backend, spec: dict, workdir: str) -> list[str]:
         return [*(drop if os.geteuid() == 0 else []), shutil.which("bwrap"), "--unshare-all", "--die-with-parent",
                 "--new-session", "--clearenv",
                 "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
-                # the work folder: a size-capped tmpfs over the host folder, with the program bound into it
+                # empty private scratch folders (as the unshare backend's init mounts them), then the work folder:
+                # a size-capped tmpfs made inside the new /tmp, with the program bound into it from the host
+                *[a for d in ("/tmp", "/var/tmp", "/dev/shm", "/run") if os.path.isdir(d)
+                  for a in ("--size", str(spec["file_mb"] * 1024 * 1024), "--tmpfs", d)],
                 "--size", str(spec["file_mb"] * 1024 * 1024), "--tmpfs", workdir,
                 "--ro-bind", f"{workdir}/main.py", f"{workdir}/main.py", "--chdir", workdir, "--", *init]
     return init
