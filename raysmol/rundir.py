@@ -85,19 +85,23 @@ def plot_loss(rows: list[dict], rd: str) -> None:
 
 
 def recovery_report(rows: list[dict]) -> list[dict[str, Any]]:
-    """One entry per restart: what failed, the checkpoint resumed from, steps redone, and the seconds from the
-    failure (a drill's own timestamp, else the last thing the run reported) to the first resumed step."""
+    """One entry per restart: what failed (a drill, a lost worker, or a re-submission: a new driver's `submit`
+    row), the checkpoint resumed from, steps redone, and the seconds from the failure (a drill's own timestamp, a
+    re-submission's start, else the last thing the run reported) to the first resumed step."""
     out: list[dict[str, Any]] = []
     starts = [i for i, r in enumerate(rows) if r.get("event") == "start"]
     for a, b in zip(starts, starts[1:]):
         before, start = rows[a:b], rows[b]
         faults = [r for r in before if r.get("event") == "fault"]
-        failed_at = faults[-1]["time"] if faults else max(r["time"] for r in before)
+        submits = [r for r in before if r.get("event") == "submit"]
+        failed_at = (submits[-1]["time"] if submits else faults[-1]["time"] if faults
+                     else max(r["time"] for r in before))
         # Steps finished before the failure: the last one logged, or the drill's step (it may not be logged yet).
         reached = max([r["step"] for r in before if "loss" in r] + [f["step"] for f in faults if "step" in f] + [0])
         first = next((r for r in rows[b + 1:] if "loss" in r), None)
         out.append({
-            "failure": faults[-1]["fault"] if faults else "worker lost (no drill): killed, crashed or node gone",
+            "failure": ("re-submitted: a new driver continued the run" if submits else faults[-1]["fault"] if faults
+                        else "worker lost (no drill): killed, crashed or node gone"),
             "resumed_from": start.get("resumed_from"),
             "rejected_checkpoints": start.get("rejected", []),
             "resume_step": start["step"],

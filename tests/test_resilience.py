@@ -149,6 +149,13 @@ def test_recovery_report_from_rows():
     (r,) = recovery_report(rows)
     assert r == {"failure": "crash", "resumed_from": "x/checkpoint_00000002", "rejected_checkpoints": [],
                  "resume_step": 2, "world_size": None, "steps_redone": 1, "seconds_to_first_resumed_step": 6.5}
+    # the same, then the driver dies and the run is submitted again
+    later = [{"step": 4, "loss": 5, "time": 11.0}, {"event": "submit", "time": 20.0, "resumed": True},
+             {"event": "start", "step": 2, "resumed_from": "x/checkpoint_00000002", "rejected": [], "time": 25.0},
+             {"step": 3, "loss": 5, "time": 26.0}]
+    first, again = recovery_report(rows + later)
+    assert first == r and again["failure"].startswith("re-submitted") and again["steps_redone"] == 2
+    assert again["seconds_to_first_resumed_step"] == 6.0
 
 
 # ---------------------------------------------------------------- real runs
@@ -208,7 +215,7 @@ def test_corrupted_checkpoint_falls_back_and_resubmitting_continues(reference, s
     cfg = small_config(tmp_path, small_data, BASE)  # the same run name and output dir: a re-submission
     summary = pretrain(cfg, show_progress=False)
     (rec,) = summary["recovery"]
-    assert rec["resume_step"] == 4 and rec["steps_redone"] == 2
+    assert rec["resume_step"] == 4 and rec["steps_redone"] == 2 and rec["failure"].startswith("re-submitted")
     assert "checksum" in rec["rejected_checkpoints"][0]["reason"]
     assert_bit_exact(copy, reference)
 

@@ -80,6 +80,9 @@ def train(cfg: Config, task: Task, hooks: list[Hook] | tuple[Hook, ...] = (), *,
     )
     metrics = MetricsFile(storage.join(rd, "metrics.jsonl"))
     started = time.time()
+    # A driver starting on a run directory with rows already in it is a re-submission: the recovery report tells
+    # it apart from a worker lost mid-run.
+    metrics.add([{"event": "submit", "time": started, "resumed": resumed is not None}])
     try:
         result = _fit_with_progress(trainer, progress, metrics, t.steps, show_progress, on_rows, task.verb)
     finally:
