@@ -60,7 +60,7 @@ def _plain(spec: dict) -> dict:
 
     cfg = from_dict(spec["config"], origin="step_overhead")
     t, o = cfg.train, cfg.optim
-    batches = Batches([TokenStream(d, cfg.data.seed) for d in spec["train_dirs"]], [s.weight for s in cfg.data.sources],
+    batches = Batches([TokenStream(d, cfg.data.seed, cfg.data.shuffle) for d in spec["train_dirs"]], [s.weight for s in cfg.data.sources],
                       cfg.data.seed, t.seq_len, t.samples_per_step(), cfg.data.intra_doc_masking)
     model = build_model(cfg, spec["eos_id"], seed=t.seed)
     model.train()

@@ -1,5 +1,6 @@
-"""Pretraining: the task that lives in `train/`. Ray Data prepares the mixture's sources; each worker reads its
-windows by index from the token store (a pure function of the step)."""
+"""Pretraining: the task that lives in `train/`. Ray Data prepares the mixture's sources; each worker opens the
+prepared splits on its own node and reads its windows by index from the token store (a pure function of the
+step)."""
 
 from __future__ import annotations
 
@@ -32,9 +33,6 @@ class Pretrain(Task):
         check_vocab(cfg, tok)
         self.sources = prepare(cfg, tok, show_progress=show_progress)
         self.eos_id, self.tokenizer_dir = tok.eos_id, tok.hf_dir
-        self.train_dirs = [str(s.split_dir("train")) for s in self.sources]
-        self.val_dirs = [str(s.split_dir("val")) if s.manifest["splits"]["val"]["tokens"] else None
-                         for s in self.sources]
 
     def summarise(self, cfg: Config, rows: list[dict[str, Any]]) -> dict[str, Any]:
         train = [r for r in rows if "loss" in r]
@@ -61,7 +59,11 @@ class Pretrain(Task):
         cfg = ctx.cfg
         d, t, names = cfg.data, cfg.train, [s.name for s in cfg.data.sources]
         plan = d.stage_plan(t)
-        streams = [TokenStream(p, d.seed, d.shuffle) for p in self.train_dirs]
+        # Each worker opens the prepared splits on its own node (object storage: one download per node); the
+        # driver's local paths would not exist on a node with its own disk.
+        train_dirs = [s.split_dir("train") for s in self.sources]
+        val_dirs = [s.split_dir("val") if s.manifest["splits"]["val"]["tokens"] else None for s in self.sources]
+        streams = [TokenStream(p, d.seed, d.shuffle) for p in train_dirs]
         train = Batches(streams, list(plan[0].weights), d.seed, t.seq_len, t.samples_per_step(), d.intra_doc_masking,
                         names, [(st.start, list(st.weights)) for st in plan], [st.name for st in plan])
         # Validation windows from the held-out documents of every source the run reads (seed: data.seed + 1),
@@ -69,7 +71,7 @@ class Pretrain(Task):
         # Read in prepared order: the first windows of the held-out stream stay the same when a raised budget
         # appends shards, so a run's validation loss means the same before and after an extension.
         share = [sum((st.end - st.start) * st.weights[i] for st in plan) for i in range(len(names))]
-        held = [(TokenStream(p, d.seed), w, n) for p, w, n in zip(self.val_dirs, share, names) if p and w > 0]
+        held = [(TokenStream(p, d.seed), w, n) for p, w, n in zip(val_dirs, share, names) if p and w > 0]
         val = (Batches([h[0] for h in held], [h[1] for h in held], d.seed + 1, t.seq_len, t.samples_per_step(),
                        d.intra_doc_masking, [h[2] for h in held]) if held else None)
         return train, val
