@@ -119,6 +119,9 @@ E2E_FIXTURES = frozenset({"ray_local", "hf_models", "base", "evaluated"})
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--all", action="store_true", dest="run_all",
                      help="run every test (the fast tier and the end-to-end runs); default: the fast tier only")
+    parser.addoption("--demo", action="store_true", dest="run_demo",
+                     help="also run the demo tier: the README walk-through's long quality runs (GRPO demo), "
+                          "which --all leaves out to keep the full suite inside CI's time")
 
 
 def _is_e2e(item: pytest.Item) -> bool:
@@ -139,6 +142,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if _is_e2e(item):
             item.add_marker(pytest.mark.e2e)
+    if not config.getoption("run_demo") and "demo" not in (config.getoption("markexpr") or ""):
+        demo = [item for item in items if item.get_closest_marker("demo") is not None]
+        if demo:
+            config.hook.pytest_deselected(items=demo)
+            items[:] = [item for item in items if item.get_closest_marker("demo") is None]
     if not _tier_filter_on(config):
         return
     keep = [item for item in items if item.get_closest_marker("e2e") is None]

@@ -45,7 +45,7 @@ def test_default_pretrain_trains_the_embedded_tiny_model(default_run):
     assert max(r["step"] for r in rows) == summary["steps"]
 
 
-@pytest.mark.slow
+@pytest.mark.demo  # 10-25 min on 2 cores: `pytest --demo tests/test_cli.py`; not in --all (CI's time budget)
 def test_grpo_demo_improves_on_the_sft_model(default_run):
     """The walk-through on the embedded default: jobs/sft_tiny.yaml, then jobs/grpo_tiny.yaml raises the mean reward
     and the held-out exact match (greedy and sampled) over the SFT model it starts from."""
