@@ -33,6 +33,7 @@ from raysmol.rundir import run_dir
 from raysmol.serve.engines import EngineError, Sampling
 from raysmol.serve.pool import EnginePool, EngineTimeout
 from raysmol.train import checkpoint as ckpt
+from raysmol.train import export
 from raysmol.train.hooks import Context, Hook
 from raysmol.train.objectives import Objective, to_device, token_logps
 
@@ -50,10 +51,10 @@ class Rollouts(Hook):
     engines after every restore and update, the held-out prompts are scored at every validation. Built on the
     driver; the training workers get a copy holding the same engine actors."""
 
-    def __init__(self, cfg: Config, pool: EnginePool, train: list[dict], held_out: list[dict], tok_dir: str,
-                 run_dir: str, base: str):
+    def __init__(self, cfg: Config, pool: EnginePool, train: list[dict], held_out: list[dict], run_dir: str,
+                 base: str):
         self.cfg, self.pool, self.train, self.held_out = cfg, pool, train, held_out
-        self.tok_dir, self.run_dir, self.base = tok_dir, run_dir, base
+        self.run_dir, self.base = run_dir, base
         self.version = 0  # the policy version the engines serve (the training step whose weights they hold)
         self.stats: dict[str, Any] = {}
 
@@ -62,7 +63,9 @@ class Rollouts(Hook):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.rank, self.world, self.device = rank, world, device
-        self.tokenizer = AutoTokenizer.from_pretrained(self.tok_dir)
+        # The run directory's copy, which the driver wrote before training: this node may not see the driver's disk.
+        tok = storage.local_copy(storage.join(self.run_dir, export.TOKENIZER_DIR), "tokenizer_config.json")
+        self.tokenizer = AutoTokenizer.from_pretrained(str(tok))
         self.ref = None
         if self.cfg.grpo.kl_beta > 0:
             folder = resolve_model(self.base)
@@ -284,7 +287,7 @@ class GRPO(PostTask):
         pool = EnginePool(g.engine, str(start), num_engines=g.num_engines, version=0, timeout_s=g.rollout_timeout_s,
                           load_timeout_s=g.sync_timeout_s, cpus_per_engine=g.cpus_per_engine,
                           gpus_per_engine=g.gpus_per_engine if cfg.train.use_gpu else 0)
-        self.rollouts = Rollouts(cfg, pool, train, held_out, self.tokenizer_dir, run_dir(cfg), self.init_uri)
+        self.rollouts = Rollouts(cfg, pool, train, held_out, run_dir(cfg), self.init_uri)
 
     def objective(self, cfg: Config) -> Objective:
         return partial(grpo, clip=cfg.grpo.clip, kl_beta=cfg.grpo.kl_beta)
