@@ -325,6 +325,9 @@ def test_continued_pretraining_from_a_hf_folder_starts_at_its_loss(reference, sm
     summary, path = run(tmp_path, small_data, {"train.init_from": str(reference / "hf"), "train.steps": 2})
     first = next(r for r in metrics(path) if "loss" in r)
     cfg = small_config(tmp_path / "check", small_data, {**BASE, "train.init_from": str(reference / "hf")})
+    from raysmol.runtime import init_ray
+
+    init_ray()  # as recipes.run does: an earlier test may have left this process without a Ray connection
     task = Pretrain()
     task.prepare(cfg, show_progress=False)
     assert cfg.tokenizer.name == str((reference / "hf").resolve()) and cfg.model_from.startswith("train.init_from")
@@ -332,7 +335,7 @@ def test_continued_pretraining_from_a_hf_folder_starts_at_its_loss(reference, sm
     model = load_model(reference / "hf", cfg).eval()
     with torch.no_grad():
         losses = [float(causal_lm(model, mb)[0]) for r in range(2) for mb in train.micro_batches(0, r, 2, 2)]
-    assert first["step"] == 1 and abs(first["loss"] - sum(losses) / len(losses)) < 1e-5, (first["loss"], losses)
+    assert first["step"] == 1 and abs(first["loss"] - sum(losses) / len(losses)) < 1e-4, (first["loss"], losses)
     # and far below a fresh model's first loss: it starts where the reference ended
     ref_rows = [r for r in metrics(reference) if "loss" in r]
     assert first["loss"] < ref_rows[0]["loss"] - 0.5
