@@ -74,6 +74,16 @@ def verify(folder: Path) -> dict[str, Any]:
     return state
 
 
+def fetch(uri: str, tmp: Path) -> Path:
+    """A local folder holding the checkpoint at `uri` (object storage: downloaded into `tmp`)."""
+    from raysmol import storage
+
+    if not storage.is_remote(uri):
+        return Path(uri)
+    storage.download_dir(uri, tmp / "checkpoint")
+    return tmp / "checkpoint"
+
+
 def step_of(name: str) -> int | None:
     """checkpoint_00000120 -> 120; anything else -> None."""
     head, _, num = name.partition("_")

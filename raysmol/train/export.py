@@ -101,10 +101,7 @@ def export_checkpoint(checkpoint: str, out: str | None = None) -> str:
     _check_is_checkpoint(uri)
     run = run_of(uri)
     with tempfile.TemporaryDirectory(prefix="raysmol-export-") as tmp:
-        folder = Path(uri)
-        if storage.is_remote(uri):
-            folder = Path(tmp) / "checkpoint"
-            storage.download_dir(uri, folder)
+        folder = ckpt.fetch(uri, Path(tmp))
         try:
             state = ckpt.verify(folder)
         except ckpt.CheckpointError as e:

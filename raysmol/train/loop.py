@@ -105,7 +105,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
                                                config=deepspeed_config(cfg, ctx.world, universal))
         step, resumed_from = _resume(engine, ctx.run_dir, plan, hooks, rank, found, universal)
         if begin:
-            conv = _to_universal(start.fetch(begin.checkpoint, Path(tmp)), begin.state["step"]) if universal else None
+            conv = _to_universal(ckpt.fetch(begin.checkpoint, Path(tmp)), begin.state["step"]) if universal else None
             step = start.carry(engine, cfg, begin, plan, scheduler, base_lr, conv)
     optimizer.veto = sentry.veto
     objective = task.objective(cfg)
@@ -376,7 +376,10 @@ def _save_and_report(engine, ctx: Context, plan: DataPlan, hooks: Hooks) -> None
                          checkpoint_upload_fn=lambda c, name: _upload(c, name, ctx, hooks))
     hooks.call("after_checkpoint", ctx)
     if ctx.rank == 0:
-        ckpt.prune(storage.join(ctx.run_dir, "checkpoints"), cfg.train.keep_checkpoints, cfg.train.keep_every)
+        # Only what lies beyond Ray's own retention window: a complete folder inside it may be registered with Ray
+        # while the snapshot read here is stale, and deleting it under Ray fails the run (seen with keep_every).
+        ckpt.prune(storage.join(ctx.run_dir, "checkpoints"), ckpt.ray_retention(cfg.train)["num_to_keep"],
+                   cfg.train.keep_every)
 
 
 def _upload(checkpoint, dir_name: str, ctx: Context, hooks: Hooks):

@@ -104,7 +104,7 @@ def carry(engine, cfg: Config, start: Start, plan: DataPlan, scheduler, base_lr,
             ckpt.load_universal(engine, universal)
         else:
             with tempfile.TemporaryDirectory(prefix="raysmol-init-") as tmp:
-                ckpt.load(engine, fetch(start.checkpoint, Path(tmp)))
+                ckpt.load(engine, ckpt.fetch(start.checkpoint, Path(tmp)))
     # The scheduler's position is the step counter (whatever the checkpoint's scheduler held): set it and the lr.
     scheduler.last_epoch = step
     for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
@@ -120,10 +120,3 @@ def carry(engine, cfg: Config, start: Start, plan: DataPlan, scheduler, base_lr,
             plan.skips.append((0, next_sample // s - step))
     return step
 
-
-def fetch(checkpoint: str, tmp: Path) -> Path:
-    """A local folder holding `checkpoint` (object storage: downloaded into `tmp`)."""
-    if not storage.is_remote(checkpoint):
-        return Path(checkpoint)
-    storage.download_dir(checkpoint, tmp / "checkpoint")
-    return tmp / "checkpoint"
