@@ -1,7 +1,7 @@
 """Recovery time: seconds from a crash to the first resumed step, and from losing a node to training on fewer
 workers. Goals on the 2-core development machine: <= 15 s and <= 30 s.
 
-    .venv/bin/python benchmarks/recovery.py [--crash-only | --node-loss-only] [--json]
+    .venv/bin/python benchmarks/recovery.py [--crash-only | --node-loss-only] [--steps 40] [--json]
 
 Crash: a 2-worker ZeRO-2 run of the tiny model whose rank 0 hard-exits (`faults.crash_mode=exit`, like a
 segfault) right after step 25; Ray Train restarts the worker group and raysmol resumes from checkpoint 20. The time
@@ -13,7 +13,9 @@ an elastic run (`train.min_workers=1`, `train.num_workers=2`, one worker per nod
 still fits; raysmol reshards the ZeRO state of checkpoint 20 through DeepSpeed's universal format. The time runs
 from `remove_node` to the first step row of the 1-worker attempt.
 
-Each part runs in its own process (each owns its Ray cluster). Prints one line per part, or JSON.
+`--steps N` scales the run: checkpoints every N/4 steps, the fault after step 5N/8 (the test suite runs 16 steps;
+the recovery time itself does not depend on it). Each part runs in its own process (each owns its Ray cluster).
+Prints one line per part, or JSON.
 """
 
 from __future__ import annotations
@@ -28,18 +30,26 @@ import threading
 import time
 
 GOALS = {"crash": 15.0, "node_loss": 30.0}
-COMMON = ["train.steps=40", "train.checkpoint_every=10", "optim.warmup_steps=5", "train.eval_every=0",
-          "train.max_failures=2", "train.log_every=1"]
 
 
-def crash(out: str) -> dict:
+def common(steps: int) -> list[str]:
+    return [f"train.steps={steps}", f"train.checkpoint_every={steps // 4}", "optim.warmup_steps=5",
+            "train.eval_every=0", "train.max_failures=2", "train.log_every=1"]
+
+
+def fault_step(steps: int) -> int:
+    return steps * 5 // 8
+
+
+def crash(out: str, steps: int) -> dict:
     import ray
 
     from raysmol.config import load_config
     from raysmol.recipes import pretrain
 
     ray.init(address="local", num_cpus=4)
-    cfg = load_config(None, [*COMMON, f"run.output_dir={out}", "run.name=crash", "faults.crash_at_step=25",
+    cfg = load_config(None, [*common(steps), f"run.output_dir={out}", "run.name=crash",
+                             f"faults.crash_at_step={fault_step(steps)}",
                              "faults.crash_mode=exit"])
     summary = pretrain(cfg, show_progress=False)
     (rec,) = summary["recovery"]
@@ -47,7 +57,7 @@ def crash(out: str) -> dict:
             "steps_redone": rec["steps_redone"], "world_size": rec["world_size"]}
 
 
-def node_loss(out: str) -> dict:
+def node_loss(out: str, steps: int) -> dict:
     import ray
     from ray.cluster_utils import Cluster
 
@@ -58,8 +68,8 @@ def node_loss(out: str) -> dict:
     nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
     try:
         ray.init(address=cluster.address)
-        cfg = load_config(None, [*COMMON, f"run.output_dir={out}", "run.name=node_loss", "train.min_workers=1",
-                                 "faults.pause_at_step=25", "faults.pause_seconds=600"])
+        cfg = load_config(None, [*common(steps), f"run.output_dir={out}", "run.name=node_loss", "train.min_workers=1",
+                                 f"faults.pause_at_step={fault_step(steps)}", "faults.pause_seconds=600"])
         box: dict = {}
 
         def go():
@@ -70,7 +80,7 @@ def node_loss(out: str) -> dict:
 
         th = threading.Thread(target=go, daemon=True)
         th.start()
-        marker = os.path.join(out, "node_loss", "faults", "pause_at_step-25-rank0")
+        marker = os.path.join(out, "node_loss", "faults", f"pause_at_step-{fault_step(steps)}-rank0")
         deadline = time.time() + 600
         while not os.path.exists(marker) and time.time() < deadline:
             time.sleep(0.2)
@@ -94,17 +104,21 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--crash-only", action="store_true")
     p.add_argument("--node-loss-only", action="store_true")
+    p.add_argument("--steps", type=int, default=40, help="run length (default 40; at least 8)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--_part", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.steps < 8:
+        p.error(f"--steps {args.steps}: at least 8 (a checkpoint every steps/4, the fault after step 5*steps/8)")
     if args._part:
         with tempfile.TemporaryDirectory(prefix="raysmol-recovery-") as out:
-            print("RESULT " + json.dumps({"crash": crash, "node_loss": node_loss}[args._part](out)))
+            print("RESULT " + json.dumps({"crash": crash, "node_loss": node_loss}[args._part](out, args.steps)))
         return 0
     parts = ["crash"] * (not args.node_loss_only) + ["node_loss"] * (not args.crash_only)
     results = {}
     for part in parts:
-        proc = subprocess.run([sys.executable, __file__, "--_part", part], capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, __file__, "--_part", part, "--steps", str(args.steps)],
+                              capture_output=True, text=True)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         if proc.returncode or line is None:
             print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)

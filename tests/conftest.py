@@ -20,6 +20,10 @@ from support import (
     write_docs,
 )
 
+# Ray Train's controller polls its workers every 2 s by default: a run's end and a lost worker are noticed up to
+# 2 s late, on each of the suite's ~100 runs. Set before any Ray starts, so every Ray process and job inherits it.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+
 # --- S3-compatible server on loopback ---------------------------------------------------------
 # `s3_server` (session scope) runs a real `moto_server` subprocess on 127.0.0.1 and points the
 # standard AWS environment at it, so pyarrow.fs / Ray / subprocesses all reach the same server.

@@ -297,7 +297,7 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(small_da
     """The driver and its Ray are killed (SIGKILL) once a trial has finished; `ablate` again restores the Tune
     experiment: finished trials keep their results and are not started again, the others run to the end."""
     path = tiny_sweep(tmp_path, small_data, [variant("lr_low", {"optim.lr": 1e-3}), variant("lr_high", {"optim.lr": 1e-2})],
-                      seeds=[0, 1], budget={"steps": 8}, scheduler={"enabled": False},
+                      seeds=[0], budget={"steps": 8}, scheduler={"enabled": False},
                       resources={"workers": 1, "max_concurrent_trials": 1})
     sweep = tmp_path / "sweeps" / "sweep"
     code = ("import sys, ray; from raysmol.ablate.tune import ablate; "
@@ -310,7 +310,7 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(small_da
         assert first.poll() is None, "the sweep ended before it could be interrupted"
         time.sleep(1)
     finished = terminated_trials(sweep)
-    assert finished and len(finished) < 6, finished
+    assert finished and len(finished) < 3, finished
     os.killpg(first.pid, signal.SIGKILL)  # the driver and the local Ray it started
     first.wait()
     assert not (sweep / "trials.json").exists()
@@ -318,7 +318,7 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(small_da
                          timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     trials = json.loads((sweep / "trials.json").read_text())
-    assert len(trials) == 6 and all(t["status"] == "completed" for t in trials), trials
+    assert len(trials) == 3 and all(t["status"] == "completed" for t in trials), trials
     for name in finished:
         rows = [json.loads(x) for x in (sweep / "trials" / name / "metrics.jsonl").read_text().splitlines()]
         assert sum(r.get("event") == "start" for r in rows) == 1, f"{name} was run again"
