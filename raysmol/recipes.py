@@ -7,6 +7,7 @@ verb that runs it (`raysmol pretrain jobs/sft_tiny.yaml` used to run SFT silentl
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any, Callable
 
 from raysmol.config import POST_TRAINING, Config, ConfigError
@@ -44,11 +45,18 @@ def task_for(verb: str, cfg: Config) -> Task:
 def run(verb: str, cfg: Config, *, show_progress: bool = True,
         on_rows: Callable[[list[dict[str, Any]]], None] | None = None) -> dict[str, Any]:
     """Prepare and train `raysmol VERB`'s task on `cfg`; returns the summary (also in the run's summary.json)."""
+    from raysmol import nodes, storage
     from raysmol.runtime import init_ray
     from raysmol.train import launch
 
     task = task_for(verb, cfg)
     init_ray()
+    # Before any work: on a cluster whose nodes have their own disks, a local path fails only on the far node.
+    shared = {"run.output_dir": cfg.run.output_dir, **task.shared_paths(cfg)}
+    for key in ("run.output_dir", "data.cache_dir"):  # written by the run: created here, so there is one to see
+        if key in shared and not storage.is_remote(shared[key]):
+            os.makedirs(os.path.expanduser(shared[key]), exist_ok=True)
+    nodes.require_shared(shared, "the training workers read and write them")
     task.prepare(cfg, show_progress=show_progress)
     return launch.train(cfg, task, training_hooks(cfg, task), show_progress=show_progress, on_rows=on_rows)
 

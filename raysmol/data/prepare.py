@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import pyarrow.fs as pafs
 
-from raysmol import storage
+from raysmol import nodes, storage
 from raysmol.config import Config, SourceConfig
 from raysmol.data.store import MAX_BLOCK
 
@@ -97,15 +97,27 @@ def _source_fs(prefix: str, path: str) -> tuple[pafs.FileSystem, str]:
 def resolve_files(src: SourceConfig, cache_dir: str) -> tuple[list[str], str, str]:
     """(files, format, filesystem URI prefix) of a source; a missing or empty path is a DataError."""
     if src.path.startswith("builtin:"):
-        from raysmol.data.corpus import build_default_corpus
+        from raysmol.data.corpus import DONE_MARKER, build_default_corpus
 
         which = src.path.split(":", 1)[1]
-        corpus = build_default_corpus(os.path.expanduser(cache_dir) if not storage.is_remote(cache_dir) else
-                                      os.path.expanduser("~/.cache/raysmol"))
+        remote = storage.is_remote(cache_dir)
+        corpus = build_default_corpus(os.path.expanduser("~/.cache/raysmol") if remote else os.path.expanduser(cache_dir))
         if which not in corpus:
             raise DataError(f"source {src.name!r}: unknown built-in corpus {src.path!r}; valid: "
                             + ", ".join(f"builtin:{k}" for k in corpus))
-        return [str(corpus[which])], "jsonl", ""
+        if not remote:
+            return [str(corpus[which])], "jsonl", ""
+        # The corpus is generated on the driver's disk; the tokenize tasks may run on any node, so with the cache
+        # on object storage the corpus goes there too (once: a few MB) and is read by URI like any other source.
+        folder = corpus[which].parent
+        uri = storage.join(cache_dir, "corpus", folder.name)
+        if not storage.exists(storage.join(uri, DONE_MARKER)):
+            for f in sorted(folder.iterdir()):
+                if f.name != DONE_MARKER and not f.name.startswith("."):
+                    storage.upload_file(f, storage.join(uri, f.name))
+            storage.upload_file(folder / DONE_MARKER, storage.join(uri, DONE_MARKER))  # last: marks completion
+        fs, path = _filesystem(storage.join(uri, corpus[which].name))
+        return [path], "jsonl", uri.split("://", 1)[0] + "://"
     path = src.path if (storage.is_remote(src.path) or src.path.startswith("hf://")) else os.path.expanduser(src.path)
     prefix = path.split("://", 1)[0] + "://" if "://" in path else ""
     try:
@@ -451,6 +463,12 @@ def _run(pending: list[_Job], cfg: Config, tokenizer, show_progress: bool) -> di
              "eos_id": tokenizer.eos_id, "val_fraction": cfg.data.val_fraction, "sources": sources,
              "dtype": "uint16" if tokenizer.vocab_size <= 2**16 else "uint32"}
     ray.data.DataContext.get_current().enable_progress_bars = show_progress
+    # Local inputs or a local cache that another node does not see (its own disk): tokenize on the driver's node.
+    local = [f for j in pending if not j.prefix for f in j.files]
+    if not storage.is_remote(cfg.data.cache_dir):
+        os.makedirs(os.path.expanduser(cfg.data.cache_dir), exist_ok=True)
+        local.append(cfg.data.cache_dir)
+    where = nodes.driver_pin() if nodes.unseen(local) else {"num_cpus": 1}
     share = max(1, cpus // len(pending))  # the first round of all sources together is one wave
     while True:
         todo = {j.index: j.next_round(share) for j in pending}
@@ -461,7 +479,7 @@ def _run(pending: list[_Job], cfg: Config, tokenizer, show_progress: bool) -> di
                                            f"{todo[j.index][-1]['index']} of {len(j.items)}"
                                            for j in pending if todo[j.index]))
         rows = (ray.data.from_items(batch, override_num_blocks=len(batch))
-                .map_batches(_tokenize_batch, batch_size=1, fn_kwargs={"setup": setup}, num_cpus=1)
+                .map_batches(_tokenize_batch, batch_size=1, fn_kwargs={"setup": setup}, **where)
                 .take_all())
         for j in pending:
             j.rows += sorted((r for r in rows if r["source"] == j.index), key=lambda r: r["index"])  # stream order

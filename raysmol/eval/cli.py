@@ -75,7 +75,7 @@ def run(args) -> int:
             name = next(iter(results.values()))["model"]["name"]
             scores[name] = {t: (r["score"], r["stderr"]) for t, r in results.items()}
         else:
-            name, res = _freeform(args, folder)
+            name, res = _freeform(args, folder, ckpt)
             print(freeform.format_table(res))
             scores[name] = {res["task"]: (res["score"], res["stderr"])}
         _book(args, name, time.time() - started)
@@ -151,14 +151,22 @@ def exports_plot(curves: dict[str, list[dict[str, Any]]], out: str) -> str:
     return path
 
 
-def _freeform(args, folder) -> tuple[str, dict[str, Any]]:
+def _freeform(args, folder, given: str) -> tuple[str, dict[str, Any]]:
+    from raysmol import nodes
     from raysmol.eval.generate import evaluate_freeform
-    from raysmol.serve.pool import EnginePool
     from raysmol.runtime import init_ray
+    from raysmol.serve.pool import EnginePool
 
     name = cf.model_identity(folder)["name"]
     init_ray()
-    with EnginePool(args.engine, str(folder), num_engines=args.num_engines, timeout_s=args.timeout,
+    # The engines may start on any node: a model on object storage goes to them as its URI (each node fetches
+    # its own copy); a local one must be visible there.
+    remote_folder = storage.is_remote(given) and any(storage.exists(storage.join(given, *p, "config.json"))
+                                                     for p in ((), ("hf",)))  # what storage.model_folder takes
+    model = given if remote_folder else str(folder)
+    if model == str(folder):
+        nodes.require_shared({"CHECKPOINT": model}, "the inference engines load it")
+    with EnginePool(args.engine, model, num_engines=args.num_engines, timeout_s=args.timeout,
                     gpus_per_engine=args.gpus_per_engine) as pool:
         res = evaluate_freeform(pool, args.task, storage.join(args.out, name, "freeform"), limit=args.limit,
                                 samples=args.samples, max_tokens=args.max_tokens, shots=args.shots,

@@ -38,11 +38,14 @@ class PostTask(Task):
         self.stats: dict[str, Any] = {}
         self.prepare_data(cfg)
 
+    def shared_paths(self, cfg: Config) -> dict[str, str]:
+        return {f"{self.verb}.init_from": self.section(cfg).init_from}  # every worker loads the starting weights
+
     def prepare_data(self, cfg: Config) -> None:
         raise NotImplementedError
 
     def summarise(self, cfg: Config, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        return {self.verb: {"data": self.section(cfg).data, "init_from": str(self.base), **self.stats}}
+        return {self.verb: {"data": self.section(cfg).data, "init_from": self.init_uri, **self.stats}}
 
     def model(self, ctx: Context) -> torch.nn.Module:
         return load_model(resolve_model(self.init_uri), ctx.cfg)

@@ -34,6 +34,9 @@ class Pretrain(Task):
         self.sources = prepare(cfg, tok, show_progress=show_progress)
         self.eos_id, self.tokenizer_dir = tok.eos_id, tok.hf_dir
 
+    def shared_paths(self, cfg: Config) -> dict[str, str]:
+        return {"data.cache_dir": cfg.data.cache_dir}  # the prepared splits
+
     def summarise(self, cfg: Config, rows: list[dict[str, Any]]) -> dict[str, Any]:
         train = [r for r in rows if "loss" in r]
         epochs = train[-1]["epochs"] if train else {}

@@ -38,6 +38,11 @@ class Task:
 
     tokenizer_dir: str = ""
 
+    def shared_paths(self, cfg: Config) -> dict[str, str]:
+        """{config key: path} of what the workers read from the config's paths (besides the run directory):
+        on a cluster, a local one must be visible from every node (checked before `prepare`)."""
+        return {}
+
     def summarise(self, cfg: Config, rows: list[dict[str, Any]]) -> dict[str, Any]:
         """Keys this task adds to summary.json."""
         return {}
