@@ -433,6 +433,16 @@ class TrainConfig:
     def samples_per_step(self) -> int:
         return self.global_batch_tokens // self.seq_len
 
+    def eval_due(self, step: int) -> bool:
+        """Validation (and the eval suite) follows this step: every eval_every steps and after the last."""
+        return bool(self.eval_every and step % self.eval_every == 0) or step == self.steps
+
+    def checkpoint_due(self, step: int) -> bool:
+        return step % self.checkpoint_every == 0 or step == self.steps
+
+    def export_due(self, step: int) -> bool:
+        return bool(self.export_every and step % self.export_every == 0)
+
     def tokens_per_pass(self, world_size: int) -> int:
         """Tokens of one forward/backward pass over all workers: micro_batch_size x seq_len x world_size."""
         return self.micro_batch_size * self.seq_len * world_size
@@ -504,6 +514,24 @@ class GuardConfig:
 
 
 @dataclass
+class WatchdogConfig:
+    """Hang detection (see raysmol/train/watchdog.py): a rank that makes no progress within the bound is dumped
+    (its stack, into <run>/hangs/) and exits, so Ray Train restarts the group from the newest checkpoint instead
+    of waiting out the process group's 30-minute timeout."""
+
+    enabled: bool = True
+    step_timeout_s: float = 60.0
+    """The least a step may take before it counts as hung."""
+    step_multiple: float = 20.0
+    """...or this multiple of the median of the last steps' times, whichever is larger (a slow model is not hung)."""
+    other_timeout_s: float = 1800.0
+    """Outside the steps: start-up to the first step (loading, resharding) and a checkpoint or export (upload)."""
+
+    def check(self, need: Need) -> None:
+        _positive(need, self, "step_timeout_s", "step_multiple", "other_timeout_s")
+
+
+@dataclass
 class FaultsConfig:
     """Fault drills for tests and rehearsals; all off unless set. Each fires once per run (a marker in
     the run directory remembers it), so the restarted run gets past it. Steps are in [1, train.steps]."""
@@ -528,12 +556,14 @@ class FaultsConfig:
     kill_engine_at_step: int | None = None
     """GRPO: kill engine actor 0 just before this step's rollout (once); the rollout must go on on its
     replacement."""
+    hang_at_step: int | None = None
+    """crash_rank blocks forever right after this step's update (once): the watchdog must catch it."""
 
     # No check of its own: every drill is checked against train (steps, ranks, checkpoints) in _cross_check.
 
 
 FAULT_STEPS = ("crash_at_step", "crash_after_report_at_step", "kill_during_save_at_step", "spike_at_step",
-               "nan_at_step", "pause_at_step", "kill_engine_at_step")
+               "nan_at_step", "pause_at_step", "kill_engine_at_step", "hang_at_step")
 POST_TRAINING = ("sft", "dpo", "grpo")
 
 
@@ -559,6 +589,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
@@ -890,6 +921,8 @@ def _cross_check(cfg: Config, need: Need) -> None:
     for key in FAULT_STEPS:
         v = getattr(f, key)
         need(v is None or 1 <= v <= t.steps, f"faults.{key}", f"must be a step in [1, train.steps={t.steps}], got {v}")
+    need(f.hang_at_step is None or cfg.watchdog.enabled, "faults.hang_at_step",
+         "blocks a rank forever: it needs watchdog.enabled: true to be caught")
     for key in ("crash_after_report_at_step", "kill_during_save_at_step"):
         v = getattr(f, key)
         need(v is None or v % t.checkpoint_every == 0 or v == t.steps, f"faults.{key}",

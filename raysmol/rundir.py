@@ -85,23 +85,30 @@ def plot_loss(rows: list[dict], rd: str) -> None:
 
 
 def recovery_report(rows: list[dict]) -> list[dict[str, Any]]:
-    """One entry per restart: what failed (a drill, a lost worker, or a re-submission: a new driver's `submit`
-    row), the checkpoint resumed from, steps redone, and the seconds from the failure (a drill's own timestamp, a
-    re-submission's start, else the last thing the run reported) to the first resumed step."""
+    """One entry per restart: what failed (a drill, a hang the watchdog caught, a lost worker, or a re-submission:
+    a new driver's `submit` row), the checkpoint resumed from, steps redone, and the seconds from the failure (a
+    drill's own timestamp, a re-submission's start, the moment the hung rank's window began, else the last thing
+    the run reported) to the first resumed step."""
     out: list[dict[str, Any]] = []
     starts = [i for i, r in enumerate(rows) if r.get("event") == "start"]
     for a, b in zip(starts, starts[1:]):
         before, start = rows[a:b], rows[b]
         faults = [r for r in before if r.get("event") == "fault"]
         submits = [r for r in before if r.get("event") == "submit"]
-        failed_at = (submits[-1]["time"] if submits else faults[-1]["time"] if faults
+        # A rank that stops stalls the others in a collective: the cause is the one stuck elsewhere (then the first).
+        hangs = [r for r in before if r.get("event") == "hang"]
+        hang = min(hangs, key=lambda r: (r.get("collective", False), r["since"]), default=None)
+        failed_at = (submits[-1]["time"] if submits else faults[-1]["time"] if faults else hang["since"] if hang
                      else max(r["time"] for r in before))
         # Steps finished before the failure: the last one logged, or the drill's step (it may not be logged yet).
         reached = max([r["step"] for r in before if "loss" in r] + [f["step"] for f in faults if "step" in f] + [0])
         first = next((r for r in rows[b + 1:] if "loss" in r), None)
         out.append({
             "failure": ("re-submitted: a new driver continued the run" if submits else faults[-1]["fault"] if faults
-                        else "worker lost (no drill): killed, crashed or node gone"),
+                        else _hung(hang) if hang else "worker lost (no drill): killed, crashed or node gone"),
+            **({"hang": {**{k: hang[k] for k in ("rank", "step", "window", "where", "stack", "stuck_s", "bound_s")},
+                         "others": [f"rank {h['rank']}: {h['where']}" for h in hangs if h is not hang]}}
+               if hang and not submits and not faults else {}),
             "resumed_from": start.get("resumed_from"),
             "rejected_checkpoints": start.get("rejected", []),
             "resume_step": start["step"],
@@ -110,3 +117,8 @@ def recovery_report(rows: list[dict]) -> list[dict[str, Any]]:
             "seconds_to_first_resumed_step": (first["time"] - failed_at) if first else None,
         })
     return out
+
+
+def _hung(h: dict) -> str:
+    return (f"rank {h['rank']} hung at step {h['step']} ({h['window']} window): no progress for {h['stuck_s']} s (bound "
+            f"{h['bound_s']} s), stuck in {h['where']}")

@@ -189,6 +189,21 @@ def test_kill_9_from_outside_resumes_bit_exact(reference, small_data, tmp_path):
     assert_bit_exact(path, reference)
 
 
+def test_a_rank_blocked_forever_is_caught_dumped_and_restarted_bit_exact(reference, small_data, tmp_path):
+    # Rank 1 blocks after step 3's update; rank 0 waits in step 4's first collective. Step 3 is the first timed
+    # step, so its bound is the floor: 10 s here, instead of gloo's 30 minutes.
+    summary, path = run(tmp_path, small_data, {"faults.hang_at_step": 3, "faults.crash_rank": 1,
+                                               "watchdog.step_timeout_s": 10})
+    (rec,) = summary["recovery"]
+    hang = rec["hang"]
+    assert (hang["rank"], hang["step"], hang["window"], hang["bound_s"]) == (1, 3, "step", 10.0)
+    assert hang["where"].startswith("after_update (raysmol/train/faults.py:") and 10 <= hang["stuck_s"] < 13
+    assert rec["failure"].startswith("rank 1 hung at step 3") and rec["resume_step"] == 2
+    dump = storage.read_text(hang["stack"])
+    assert "threading.Event().wait()" in dump and "in train_func" in dump
+    assert_bit_exact(path, reference)
+
+
 def test_a_save_killed_midway_is_never_loaded(reference, small_data, tmp_path):
     # Rank 1 dies after writing its files but before reporting; rank 0 reports: checkpoint_4 lands torn.
     summary, path = run(tmp_path, small_data, {"faults.kill_during_save_at_step": 4, "faults.crash_rank": 1})
@@ -295,7 +310,7 @@ def test_losing_a_node_continues_on_fewer_workers():
     import sys
 
     root = Path(__file__).resolve().parent.parent
-    out = subprocess.run([sys.executable, str(root / "benchmarks" / "recovery.py"), "--node-loss-only", "--steps", "16",
+    out = subprocess.run([sys.executable, str(root / "benchmarks" / "recovery.py"), "--only", "node_loss", "--steps", "16",
                           "--json"],
                          capture_output=True, text=True, timeout=900, cwd=root)
     assert out.returncode == 0, out.stderr[-3000:]

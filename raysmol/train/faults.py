@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 
 from raysmol import storage
@@ -54,6 +55,8 @@ class Drills(Hook):
         c, step = self.cfg, ctx.step
         if c.crash_at_step == step and self.rank == c.crash_rank and self._once(f"crash_at_step-{step}"):
             self._crash(f"crash rank {self.rank} after step {step}", c.crash_mode == "exit", step)
+        if c.hang_at_step == step and self.rank == c.crash_rank and self._once(f"hang_at_step-{step}"):
+            threading.Event().wait()  # forever, like a lost collective peer: only the watchdog gets this rank out
 
     def during_save(self, ctx: Context) -> None:
         """Midway through this rank's upload of a checkpoint: some of its files are on storage, the rest never land."""

@@ -25,6 +25,7 @@ from raysmol.train.guard import DataPlan, GuardedAdamW, GuardError, Sentry, Spik
 from raysmol.train.hooks import Context, Hooks
 from raysmol.train.objectives import Objective, to_device
 from raysmol.train.schedule import lr_multiplier
+from raysmol.train.watchdog import Watchdog
 
 # Dense bf16 peak FLOP/s per GPU, for MFU when train.peak_flops is not set.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "B200": 2250e12, "A100": 312e12, "A800": 312e12,
@@ -86,7 +87,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
     t, g, rank = cfg.train, cfg.guard, dist.get_rank()
     ctx = Context(cfg, rank, dist.get_world_size(), _device(cfg), loop_config["run_dir"], partial(_log, progress, rank))
     sentry = Sentry(None, SpikeGuard(g.window, g.min_steps, g.loss_zscore, g.grad_norm_factor), g.action)
-    hooks = Hooks([sentry, *task.hooks(), *loop_config["hooks"], Drills(cfg.faults, ctx.run_dir, rank, progress)])
+    hooks = Hooks([Watchdog(cfg.watchdog, progress), sentry, *task.hooks(), *loop_config["hooks"], Drills(cfg.faults, ctx.run_dir, rank, progress)])
     hooks.call("setup", ctx)
     batches, val = task.batches(ctx)
     model = prepare_for_training(task.model(ctx), cfg)
@@ -132,7 +133,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
                 hooks.call("after_restore", ctx)
                 window.reset()
                 continue
-        eval_due = (t.eval_every and step % t.eval_every == 0) or step == t.steps
+        eval_due = t.eval_due(step)
         if window.due(step, eval_due):
             row = {**window.row(step, engine, batches.position(plan.data_step(step - 1))), **hooks.collect("metrics", ctx)}
             if eval_due:  # every rank evaluates (ZeRO-3 forwards are collective); rank 0 logs
@@ -141,10 +142,10 @@ def train_func(loop_config: dict[str, Any]) -> None:
             ctx.log(row)
             window.reset()
         hooks.call("before_checkpoint", ctx)
-        if step % t.checkpoint_every == 0 or step == t.steps:
+        if t.checkpoint_due(step):
             _save_and_report(engine, ctx, plan, hooks)
             window.reset()  # checkpoint time is not step time
-        if t.export_every and step % t.export_every == 0:
+        if t.export_due(step):
             _export_step(engine, model, ctx)
             window.reset()
     sd = ckpt.full_state_dict(engine)

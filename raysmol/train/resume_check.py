@@ -33,6 +33,7 @@ Harmless (allowed, logged and recorded in summary.json's `resume`):
   data.cache_dir                where prepared shards are cached (their folder is a hash of the inputs)
   run.category                  the ledger's booking
   faults.*                      drills for tests and rehearsals
+  watchdog.*                    hang detection bounds
   guard.*                       the spike guard's reaction: a run stopped by it (too many rollbacks) is
                                 re-submitted with a changed guard, as its error message says
   grpo.cpus_per_engine, gpus_per_engine, reward_tasks, reward_cpus, rollout_timeout_s, sync_timeout_s,
@@ -68,7 +69,7 @@ HARMLESS = (
     "train.num_workers", "train.min_workers", "train.micro_batch_size",
     "train.max_failures", "train.cpu_threads_per_worker", "train.peak_flops",
     "train.activation_checkpointing", "train.compile", "train.liger", "model.attn_implementation",
-    "data.cache_dir", "run.category", "faults", "guard",
+    "data.cache_dir", "run.category", "faults", "guard", "watchdog",
     "grpo.cpus_per_engine", "grpo.gpus_per_engine", "grpo.reward_tasks", "grpo.reward_cpus",
     "grpo.rollout_timeout_s", "grpo.sync_timeout_s", "grpo.verify_sync",
 )
