@@ -205,6 +205,63 @@ def test_asha_with_a_margin_stops_only_trials_clearly_behind_at_a_rung(margin, e
     assert got == expected
 
 
+def test_asha_rungs_and_stops_survive_a_restore_of_the_sweep(tmp_path):
+    """`Tuner.restore` re-creates the scheduler from `tuner.pkl`, pickled before the first trial: the rung records
+    and stops it made before the driver died come back from the sweep directory, and the restored scheduler
+    decides as one that was never interrupted does."""
+    import pickle
+
+    from raysmol.ablate.tune import MarginASHA, asha_stops
+
+    def asha(state_uri=None):
+        return MarginASHA(time_attr="step", metric="val_loss", mode="min", max_t=40, grace_period=10,
+                          reduction_factor=2, margin=0.1, state_uri=state_uri)
+
+    state = str(tmp_path / "asha.json")
+    first, whole = asha(state), asha()
+    tuner_pkl = pickle.dumps(first)
+    a, b, c = (FakeTrial(i) for i in "abc")
+    for s in (first, whole):
+        for t in (a, b):
+            s.on_trial_add(None, t)
+        got = [s.on_trial_result(None, t, {"step": step, "val_loss": v}) for t, step, v in
+               [(a, 10, 5.0), (b, 10, 5.5), (a, 20, 4.0)]]
+        assert got == ["CONTINUE", "STOP", "CONTINUE"]
+    assert asha_stops(state) == {"b": 10}
+
+    restored = pickle.loads(tuner_pkl)  # what a restored sweep's driver holds: no records
+    assert restored._recorded() == 0
+    for t in (a, b, c):  # Tune adds every trial of the restored experiment, stopped ones too
+        restored.on_trial_add(None, t)
+    whole.on_trial_add(None, c)
+    assert restored._brackets[0]._rungs == whole._brackets[0]._rungs and restored.stopped == {"b": 10}
+    # c is within the margin of the first rung's cutoff (5.25 + 0.1), but 0.5 behind a at the second: stopped
+    # there only by a scheduler that kept a's record.
+    for s in (restored, whole):
+        got = [s.on_trial_result(None, c, {"step": step, "val_loss": v}) for step, v in [(10, 5.3), (20, 4.5)]]
+        assert got == ["CONTINUE", "STOP"]
+    assert asha_stops(state) == {"b": 10, "c": 20}
+    again = pickle.loads(tuner_pkl)
+    again.on_trial_add(None, a)
+    assert again._brackets[0]._rungs == whole._brackets[0]._rungs
+
+
+def test_a_trial_asha_stopped_is_not_trained_again_when_tune_resumes_it(tmp_path, monkeypatch):
+    """When the driver dies after ASHA stopped a trial but before Tune's experiment state says so, the restored
+    experiment resumes the trial: its driver finds the stop in the sweep's ASHA state and returns at once."""
+    from types import SimpleNamespace
+
+    from ray import tune
+
+    from raysmol.ablate.tune import run_trial
+
+    state = tmp_path / "asha.json"
+    state.write_text(json.dumps({"rungs": [], "stopped": {"id-b": 2}}))
+    monkeypatch.setattr(tune, "get_context", lambda: SimpleNamespace(get_trial_id=lambda: "id-b"))
+    # No config and no metric: a trial that went on to train would fail with a KeyError.
+    assert run_trial({"trial": "b"}, {"b": {"name": "b", "scheduler_state": str(state)}}) is None
+
+
 def test_placement_groups_of_killed_train_controllers_are_released(ray_local):
     """A stopped trial's Train controller dies with its trial; the group reserving its workers outlives it (it
     is scoped to the job) unless the sweep removes it."""
@@ -278,15 +335,15 @@ def test_asha_stops_a_diverging_raysmol_trial(ray_local, small_data, tmp_path):
     assert json.loads((sweep / "trials" / "lr_x300-s0" / "ledger.jsonl").read_text())["status"] == "stopped"
 
 
-def terminated_trials(sweep: Path) -> set[str]:
-    """Trials the sweep's saved Tune experiment state records as finished."""
-    out = set()
+def terminated_trials(sweep: Path) -> dict[str, str]:
+    """Name -> trial id of the trials the sweep's saved Tune experiment state records as finished."""
+    out = {}
     for f in (sweep / "tune").glob("experiment_state-*.json"):
         try:
             for data in json.loads(f.read_text())["trial_data"]:
                 trial = json.loads(data[0])
                 if trial["status"] == "TERMINATED":
-                    out.add(trial["config"]["trial"])
+                    out[trial["config"]["trial"]] = trial["trial_id"]
         except (json.JSONDecodeError, KeyError):  # being rewritten
             pass
     return out
@@ -294,11 +351,14 @@ def terminated_trials(sweep: Path) -> set[str]:
 
 @pytest.mark.slow
 def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(small_data, tmp_path):
-    """The driver and its Ray are killed (SIGKILL) once a trial has finished; `ablate` again restores the Tune
-    experiment: finished trials keep their results and are not started again, the others run to the end."""
-    path = tiny_sweep(tmp_path, small_data, [variant("lr_low", {"optim.lr": 1e-3}), variant("lr_high", {"optim.lr": 1e-2})],
-                      seeds=[0], budget={"steps": 8}, scheduler={"enabled": False},
-                      resources={"workers": 1, "max_concurrent_trials": 1})
+    """The driver and its Ray are killed (SIGKILL) once ASHA has stopped a diverging trial after the baseline
+    finished; `ablate` again restores the Tune experiment: finished and stopped trials keep their results and are
+    not started again, ASHA keeps its rung records, the other trial runs to the end."""
+    # One trial at a time, in this order: the diverging trial is compared with the baseline at the first rung.
+    path = tiny_sweep(tmp_path, small_data, [variant("lr_x300", {"optim.lr": 1.0}),
+                                             variant("lr_x1.1", {"optim.lr": 3.3e-3})],
+                      seeds=[0], budget={"steps": 8}, resources={"workers": 1, "max_concurrent_trials": 1},
+                      scheduler={"grace_period": 2, "reduction_factor": 2, "margin": 0.1})
     sweep = tmp_path / "sweeps" / "sweep"
     code = ("import sys, ray; from raysmol.ablate.tune import ablate; "
             "ray.init(address='local', num_cpus=2, log_to_driver=False); print(ablate(sys.argv[1], show_progress=False))")
@@ -306,19 +366,31 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(small_da
     first = subprocess.Popen([sys.executable, "-c", code, str(path)], cwd=REPO, env=env, start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 400
-    while not terminated_trials(sweep) and time.time() < deadline:
+    while "lr_x300-s0" not in terminated_trials(sweep) and time.time() < deadline:
         assert first.poll() is None, "the sweep ended before it could be interrupted"
         time.sleep(1)
     finished = terminated_trials(sweep)
-    assert finished and len(finished) < 3, finished
+    assert "baseline-s0" in finished and "lr_x300-s0" in finished and len(finished) < 3, finished
     os.killpg(first.pid, signal.SIGKILL)  # the driver and the local Ray it started
     first.wait()
     assert not (sweep / "trials.json").exists()
+    before = json.loads((sweep / "asha.json").read_text())
+    stopped_at = before["stopped"][finished["lr_x300-s0"]]
     out = subprocess.run([sys.executable, "-c", code, str(path)], cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
-    trials = json.loads((sweep / "trials.json").read_text())
-    assert len(trials) == 3 and all(t["status"] == "completed" for t in trials), trials
+    trials = {t["name"]: t for t in json.loads((sweep / "trials.json").read_text())}
+    assert len(trials) == 3 and trials["baseline-s0"]["status"] == trials["lr_x1.1-s0"]["status"] == "completed", trials
+    bad = trials["lr_x300-s0"]
+    assert bad["status"] == "stopped" and bad["stopped_at_step"] == stopped_at < 8, bad
+    # The restored scheduler went on from the records made before the kill (a fresh one would have rewritten the
+    # file with the last trial's alone).
+    after = json.loads((sweep / "asha.json").read_text())
+    rungs = {m: r for m, r in after["rungs"]}
+    for milestone, recorded in before["rungs"]:
+        assert recorded.items() <= rungs[milestone].items(), (before, after)
+    assert sum(len(r) for r in rungs.values()) > sum(len(r) for _, r in before["rungs"])
+    assert after["stopped"] == before["stopped"]
     for name in finished:
         rows = [json.loads(x) for x in (sweep / "trials" / name / "metrics.jsonl").read_text().splitlines()]
         assert sum(r.get("event") == "start" for r in rows) == 1, f"{name} was run again"

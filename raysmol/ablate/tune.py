@@ -7,8 +7,9 @@ concurrency is bounded by `max_concurrent_trials`, planned from the cluster's CP
 
 Sweep directory `<output_dir>/<name>/`: `ablation.yaml` (the resolved file), `tune/` (the Tune experiment,
 restored when `raysmol ablate` runs again after a driver restart: finished trials are kept, unfinished ones
-resume from their newest raysmol checkpoint), `trials/<variant>-s<seed>/` (raysmol run directories),
-`trials.json` (status and metric history of every trial), `report.md` and `plots/`.
+resume from their newest raysmol checkpoint), `asha.json` (ASHA's rung records and the trials it stopped, kept
+across a restore), `trials/<variant>-s<seed>/` (raysmol run directories), `trials.json` (status and metric
+history of every trial), `report.md` and `plots/`.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from raysmol.config import Config, from_dict
 log = logging.getLogger(__name__)
 # A trial's driver only polls metrics; Tune cannot schedule a trial that asks for nothing.
 DRIVER_CPU = 0.01
+ASHA_STATE = "asha.json"
 
 
 def ablate(path: str, *, show_progress: bool = True) -> str:
@@ -73,6 +75,8 @@ def tuner(spec: AblationSpec, trials: list[Trial], show_progress: bool = False):
         # each from the newest committed checkpoint in its run directory.
         return tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, resume_errored=True,
                                   storage_filesystem=exp_fs)
+    # A new experiment starts with empty rungs, whatever an earlier one left.
+    storage.remove_tree(storage.join(spec.sweep_dir(), ASHA_STATE))
     first = trials[0].config
     return tune.Tuner(
         trainable,
@@ -94,7 +98,7 @@ def scheduler(spec: AblationSpec, max_steps: int):
         return FIFOScheduler()
     return MarginASHA(time_attr="step", metric=spec.metric.name, mode=spec.metric.mode, max_t=max_steps,
                       grace_period=min(s.grace_period, max_steps), reduction_factor=s.reduction_factor,
-                      margin=s.margin)
+                      margin=s.margin, state_uri=storage.join(spec.sweep_dir(), ASHA_STATE))
 
 
 def max_concurrent(spec: AblationSpec, cfg: Config) -> int:
@@ -114,9 +118,13 @@ def run_trial(params: dict[str, Any], trials: dict[str, dict[str, Any]]) -> None
     """Tune function trainable: one raysmol pretraining run whose validation metric is reported to Tune."""
     from ray import tune
 
+    p = trials[params["trial"]]
+    if p["scheduler_state"] and tune.get_context().get_trial_id() in asha_stops(p["scheduler_state"]):
+        # ASHA stopped it, but the driver went away before Tune's experiment state (written at most every 10 s)
+        # said so: the restored experiment resumes it as unfinished.
+        return
     from raysmol.recipes import pretrain
 
-    p = trials[params["trial"]]
     cfg = from_dict(p["config"], origin=f"ablation trial {p['name']}")
     metric = p["metric"]
     last: dict[str, Any] = {}
@@ -141,7 +149,9 @@ def run_trial(params: dict[str, Any], trials: dict[str, dict[str, Any]]) -> None
 
 
 def _trial_params(spec: AblationSpec, t: Trial) -> dict[str, Any]:
-    return {"name": t.name, "variant": t.variant, "seed": t.seed, "config": t.config.to_dict(), "metric": spec.metric.name}
+    state = storage.join(spec.sweep_dir(), ASHA_STATE) if spec.scheduler.enabled else None
+    return {"name": t.name, "variant": t.variant, "seed": t.seed, "config": t.config.to_dict(),
+            "metric": spec.metric.name, "scheduler_state": state}
 
 
 def _prepare_data(trials: list[Trial], show_progress: bool) -> None:
@@ -165,6 +175,7 @@ def _outcomes(spec: AblationSpec, trials: list[Trial], grid) -> list[dict[str, A
     away: run `raysmol ablate` again to resume it) or failed, with the metric history Tune saw. Only a trial
     that completes reaches the end of `pretrain`, which books its compute; the others are booked here."""
     by_name = {t.name: t for t in trials}
+    stops = asha_stops(storage.join(spec.sweep_dir(), ASHA_STATE))
     out = []
     for trial in grid._experiment_analysis.trials:  # ResultGrid hides each trial's final status
         res = grid._trial_to_result(trial)
@@ -181,7 +192,10 @@ def _outcomes(spec: AblationSpec, trials: list[Trial], grid) -> list[dict[str, A
             status = "stopped"
         else:
             status = "interrupted"
-        stopped_at = hist[-1][0] if status == "stopped" and hist else None
+        stopped_at = None
+        if status == "stopped":
+            # ASHA's record first: Tune's copy of a trial's results may end before the step it was stopped at.
+            stopped_at = stops.get(trial.trial_id, hist[-1][0] if hist else None)
         seconds = float((res.metrics or {}).get("time_total_s") or 0.0)
         if status != "completed":
             _book_attempt(t, rd, status, stopped_at, seconds)
@@ -262,13 +276,65 @@ class _MarginBracket(_Bracket):
 
 class MarginASHA(AsyncHyperBandScheduler):
     """ASHA (one bracket) that stops a trial at a rung only when it is worse than the rung's cutoff by more
-    than `margin` in metric units."""
+    than `margin` in metric units.
+
+    With `state_uri`, its rung records and the trials it stopped (at which step) are written there whenever they
+    change, and read back before the first trial is added: `Tuner.restore` builds the scheduler afresh from
+    `tuner.pkl` (a copy made before the first trial) and never calls its `save`/`restore`, so without this a
+    restored sweep's rungs are empty and the trials after it are compared with nothing."""
 
     def __init__(self, *, margin: float = 0.0, grace_period: int = 1, max_t: int = 100,
-                 reduction_factor: float = 4, **kwargs):
+                 reduction_factor: float = 4, state_uri: str | None = None, **kwargs):
         super().__init__(grace_period=grace_period, max_t=max_t, reduction_factor=reduction_factor, **kwargs)
         self._brackets = [_MarginBracket(grace_period, max_t, reduction_factor, 0,
                                          stop_last_trials=self._stop_last_trials, margin=margin)]
+        self.state_uri = state_uri
+        self.stopped: dict[str, int] = {}  # trial id -> step
+        self._loaded = state_uri is None
+
+    def on_trial_add(self, tune_controller, trial):
+        if not self._loaded:
+            self._loaded = True
+            self._load()
+        super().on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller, trial, result):
+        n = self._recorded()
+        action = super().on_trial_result(tune_controller, trial, result)
+        if action == self.STOP and result[self._time_attr] < self._max_t:
+            self.stopped[trial.trial_id] = result[self._time_attr]
+        if self._recorded() != n:  # also the case for every stop at a rung
+            self._save()
+        return action
+
+    def on_trial_complete(self, tune_controller, trial, result):
+        n = self._recorded()
+        super().on_trial_complete(tune_controller, trial, result)
+        if self._recorded() != n:
+            self._save()
+
+    def _recorded(self) -> int:
+        return sum(len(recorded) for _, recorded in self._brackets[0]._rungs)
+
+    def _save(self) -> None:
+        if self.state_uri:
+            storage.write_text(self.state_uri, json.dumps(
+                {"rungs": [[milestone, recorded] for milestone, recorded in self._brackets[0]._rungs],
+                 "stopped": self.stopped}))
+
+    def _load(self) -> None:
+        if not storage.exists(self.state_uri):
+            return
+        state = json.loads(storage.read_text(self.state_uri))
+        saved = {milestone: recorded for milestone, recorded in state["rungs"]}
+        for milestone, recorded in self._brackets[0]._rungs:
+            recorded.update(saved.get(milestone, {}))
+        self.stopped.update(state["stopped"])
+
+
+def asha_stops(state_uri: str) -> dict[str, int]:
+    """Trial id -> the step at which MarginASHA stopped it, from its state file (empty without one)."""
+    return json.loads(storage.read_text(state_uri))["stopped"] if storage.exists(state_uri) else {}
 
 
 def cmd_ablate(args) -> int:
