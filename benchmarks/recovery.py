@@ -2,7 +2,7 @@
 workers, and from a rank that blocks forever to its detection and the first resumed step. Goals on the 2-core
 development machine: <= 15 s, <= 30 s, and a hang caught within its bound (60 s by default) then resumed within 20 s.
 
-    .venv/bin/python benchmarks/recovery.py [--only crash,node_loss,hang] [--steps 40] [--json]
+    .venv/bin/python benchmarks/recovery.py [--only crash,node_loss,hang,chaos] [--steps 40] [--json]
 
 Crash: a 2-worker ZeRO-2 run of the tiny model whose rank 0 hard-exits (`faults.crash_mode=exit`, like a
 segfault) right after step 25; Ray Train restarts the worker group and raysmol resumes from checkpoint 20. The time
@@ -18,6 +18,10 @@ Hang: the crash run's set-up, but rank 1 blocks forever after step 25 (`faults.h
 settings). Without the watchdog it would wait in gloo's collective for the process group's timeout (1800 s, the
 baseline the ratio is against); the run's recovery report gives the detection time (the hung window's age when it
 fired) and the time from the hang to the first resumed step.
+
+Chaos: tests/test_chaos.py, run by pytest (its cluster of three private-disk nodes and its S3 server are test
+fixtures): ten faults in one 40-step run, then the same run uninterrupted; the wall time of each, from the driver's
+start to its exit (the chaos run's includes its re-submission), and the overhead. `--steps` does not apply.
 
 `--steps N` scales the run: checkpoints every N/4 steps, the fault after step 5N/8 (the test suite runs 16 steps;
 the recovery time itself does not depend on it). Each part runs in its own process (each owns its Ray cluster).
@@ -35,7 +39,7 @@ import tempfile
 import threading
 import time
 
-GOALS = {"crash": 15.0, "node_loss": 30.0, "hang": 60.0 + 20.0}
+GOALS = {"crash": 15.0, "node_loss": 30.0, "hang": 60.0 + 20.0, "chaos": None}
 PG_TIMEOUT_S = 1800.0  # what a hung rank costs without the watchdog (torch's default process-group timeout)
 
 
@@ -78,6 +82,17 @@ def hang(out: str, steps: int) -> dict:
     return {"seconds": rec["seconds_to_first_resumed_step"], "detect_s": rec["hang"]["stuck_s"],
             "bound_s": rec["hang"]["bound_s"], "where": rec["hang"]["where"], "resume_step": rec["resume_step"],
             "world_size": rec["world_size"]}
+
+
+def chaos(out: str, steps: int) -> dict:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "--basetemp", out,
+                           "tests/test_chaos.py"], cwd=root, capture_output=True, text=True)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("CHAOS ")), None)
+    if proc.returncode or line is None:
+        raise RuntimeError(f"tests/test_chaos.py failed ({proc.returncode}):\n{proc.stdout[-5000:]}")
+    r = json.loads(line[len("CHAOS "):])
+    return {**r, "seconds": r["chaos_s"] - r["clean_s"], "ratio": r["chaos_s"] / r["clean_s"]}
 
 
 def node_loss(out: str, steps: int) -> dict:
@@ -134,7 +149,7 @@ def main() -> int:
         p.error(f"--steps {args.steps}: at least 8 (a checkpoint every steps/4, the fault after step 5*steps/8)")
     if args._part:
         with tempfile.TemporaryDirectory(prefix="raysmol-recovery-") as out:
-            print("RESULT " + json.dumps({"crash": crash, "node_loss": node_loss, "hang": hang}[args._part](out, args.steps)))
+            print("RESULT " + json.dumps({"crash": crash, "node_loss": node_loss, "hang": hang, "chaos": chaos}[args._part](out, args.steps)))
         return 0
     parts = [x for x in args.only.split(",") if x]
     if bad := [x for x in parts if x not in GOALS]:
@@ -152,6 +167,10 @@ def main() -> int:
         print(json.dumps(results, indent=1))
         return 0
     for part, r in results.items():
+        if part == "chaos":
+            print(f"{part:10s} {r['chaos_s']:6.0f} s with {r['faults']} faults vs {r['clean_s']:.0f} s uninterrupted: "
+                  f"{r['ratio']:.2f}x, {r['seconds'] / r['faults']:.0f} s per fault")
+            continue
         ok = "met" if r["seconds"] <= r["goal_s"] else "MISSED"
         if part == "hang":
             print(f"{part:10s} {r['seconds']:6.1f} s from the hang to the first resumed step (goal <= {r['goal_s']:.0f} s: "

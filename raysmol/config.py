@@ -534,32 +534,41 @@ class WatchdogConfig:
 @dataclass
 class FaultsConfig:
     """Fault drills for tests and rehearsals; all off unless set. Each fires once per run (a marker in
-    the run directory remembers it), so the restarted run gets past it. Steps are in [1, train.steps]."""
+    the run directory remembers it), so the restarted run gets past it. Steps are in [1, train.steps]; each
+    *_at_step key takes one step or a list of them (a chaos rehearsal fires the same drill more than once)."""
 
-    crash_at_step: int | None = None
+    crash_at_step: int | list[int] | None = None
     """Crash `crash_rank` right after this step's update."""
     crash_rank: int = 0
     crash_mode: Literal["exception", "exit"] = "exception"
     """exit = os._exit, no cleanup (like a segfault)."""
-    crash_after_report_at_step: int | None = None
+    crash_after_report_at_step: int | list[int] | None = None
     """Hard exit right after reporting this step's checkpoint (a checkpoint step)."""
-    kill_during_save_at_step: int | None = None
+    kill_during_save_at_step: int | list[int] | None = None
     """crash_rank dies mid-checkpoint: the others' files land (a checkpoint step)."""
-    spike_at_step: int | None = None
+    spike_at_step: int | list[int] | None = None
     """Multiply the loss (and so the gradients) by spike_factor."""
     spike_factor: float = 50.0
-    nan_at_step: int | None = None
+    nan_at_step: int | list[int] | None = None
     """Make the loss NaN."""
-    pause_at_step: int | None = None
+    pause_at_step: int | list[int] | None = None
     """Every rank sleeps pause_seconds after this step (once): a window to kill a worker from outside."""
     pause_seconds: float = 30.0
-    kill_engine_at_step: int | None = None
+    kill_engine_at_step: int | list[int] | None = None
     """GRPO: kill engine actor 0 just before this step's rollout (once); the rollout must go on on its
     replacement."""
-    hang_at_step: int | None = None
+    hang_at_step: int | list[int] | None = None
     """crash_rank blocks forever right after this step's update (once): the watchdog must catch it."""
 
     # No check of its own: every drill is checked against train (steps, ranks, checkpoints) in _cross_check.
+
+    def steps(self, key: str) -> list[int]:
+        """The steps the drill `key` (one of FAULT_STEPS) fires at."""
+        v = getattr(self, key)
+        return [] if v is None else [v] if isinstance(v, int) else list(v)
+
+    def at(self, key: str, step: int) -> bool:
+        return step in self.steps(key)
 
 
 FAULT_STEPS = ("crash_at_step", "crash_after_report_at_step", "kill_during_save_at_step", "spike_at_step",
@@ -813,7 +822,12 @@ def _convert(tp: Any, value: Any, key: str, where: str, explicit: set[str] | Non
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _convert(inner[0], value, key, where, explicit)
+        for tp_ in inner[:-1]:  # the first type the value fits (int | list[int]: a step or a list of steps)
+            try:
+                return _convert(tp_, value, key, where, explicit)
+            except ConfigError:
+                pass
+        return _convert(inner[-1], value, key, where, explicit)
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{where}: {key}: {value!r} is not one of {', '.join(map(repr, args))}")
@@ -919,13 +933,13 @@ def _cross_check(cfg: Config, need: Need) -> None:
     need(0 <= f.crash_rank < t.num_workers, "faults.crash_rank",
          f"must be a rank in [0, {t.num_workers}), got {f.crash_rank}")
     for key in FAULT_STEPS:
-        v = getattr(f, key)
-        need(v is None or 1 <= v <= t.steps, f"faults.{key}", f"must be a step in [1, train.steps={t.steps}], got {v}")
-    need(f.hang_at_step is None or cfg.watchdog.enabled, "faults.hang_at_step",
+        bad = [v for v in f.steps(key) if not 1 <= v <= t.steps]
+        need(not bad, f"faults.{key}", f"must be a step in [1, train.steps={t.steps}] (or a list of them), got {bad[0] if bad else ''}")
+    need(not f.steps("hang_at_step") or cfg.watchdog.enabled, "faults.hang_at_step",
          "blocks a rank forever: it needs watchdog.enabled: true to be caught")
     for key in ("crash_after_report_at_step", "kill_during_save_at_step"):
-        v = getattr(f, key)
-        need(v is None or v % t.checkpoint_every == 0 or v == t.steps, f"faults.{key}",
-             f"step {v} saves no checkpoint (train.checkpoint_every={t.checkpoint_every})")
+        bad = [v for v in f.steps(key) if not t.checkpoint_due(v)]
+        need(not bad, f"faults.{key}",
+             f"step {bad[0] if bad else ''} saves no checkpoint (train.checkpoint_every={t.checkpoint_every})")
     need(0 <= cfg.optim.warmup_steps < t.steps, "optim.warmup_steps",
          f"must be in [0, train.steps={t.steps}), got {cfg.optim.warmup_steps}")

@@ -105,7 +105,8 @@ def recovery_report(rows: list[dict]) -> list[dict[str, Any]]:
         first = next((r for r in rows[b + 1:] if "loss" in r), None)
         out.append({
             "failure": ("re-submitted: a new driver continued the run" if submits else faults[-1]["fault"] if faults
-                        else _hung(hang) if hang else "worker lost (no drill): killed, crashed or node gone"),
+                        else _hung(hang) if hang else _lost_node(rows[a], start) if start.get("lost_nodes")
+                        else "worker lost (no drill): killed, crashed or node gone"),
             **({"hang": {**{k: hang[k] for k in ("rank", "step", "window", "where", "stack", "stuck_s", "bound_s")},
                          "others": [f"rank {h['rank']}: {h['where']}" for h in hangs if h is not hang]}}
                if hang and not submits and not faults else {}),
@@ -117,6 +118,12 @@ def recovery_report(rows: list[dict]) -> list[dict[str, Any]]:
             "seconds_to_first_resumed_step": (first["time"] - failed_at) if first else None,
         })
     return out
+
+
+def _lost_node(before: dict, start: dict) -> str:
+    ranks = [r for r, n in enumerate(before.get("nodes") or []) if n in start["lost_nodes"]]
+    return (f"node lost: {', '.join(n[:12] for n in start['lost_nodes'])} (rank{'s' * (len(ranks) > 1)} "
+            f"{', '.join(map(str, ranks))} ran there)")
 
 
 def _hung(h: dict) -> str:

@@ -1,5 +1,6 @@
-"""Failures: exact resume after crashes (exception, hard exit, kill -9), torn and corrupted checkpoints, lost
-checkpoint registrations, loss spikes (skip, rollback, bound), object storage. Faults are injected for real."""
+"""Failures: exact resume after crashes (exception, hard exit, kill -9), corrupted checkpoints, loss spikes (skip,
+rollback, bound), object storage, world-size changes. Faults are injected for real. Torn saves, lost checkpoint
+registrations, hangs, lost nodes and driver kills are in tests/test_chaos.py (one run takes them all)."""
 
 from __future__ import annotations
 
@@ -156,6 +157,12 @@ def test_recovery_report_from_rows():
     first, again = recovery_report(rows + later)
     assert first == r and again["failure"].startswith("re-submitted") and again["steps_redone"] == 2
     assert again["seconds_to_first_resumed_step"] == 6.0
+    # a restart whose previous attempt had rank 1 on a node that is gone since
+    lost = [{"step": 4, "loss": 5, "time": 27.0},
+            {"event": "start", "step": 4, "nodes": ["aa" * 28, "bb" * 28], "time": 30.0}, {"step": 5, "loss": 5, "time": 31.0},
+            {"event": "start", "step": 4, "nodes": ["aa" * 28, "cc" * 28], "lost_nodes": ["bb" * 28], "time": 40.0},
+            {"step": 5, "loss": 5, "time": 41.0}]
+    assert recovery_report(rows + later + lost)[-1]["failure"] == "node lost: bbbbbbbbbbbb (rank 1 ran there)"
 
 
 # ---------------------------------------------------------------- real runs
@@ -186,38 +193,6 @@ def test_kill_9_from_outside_resumes_bit_exact(reference, small_data, tmp_path):
     summary, path = box["r"]
     (rec,) = summary["recovery"]
     assert rec["failure"].startswith("worker lost") and rec["resume_step"] == 2 and rec["steps_redone"] == 1
-    assert_bit_exact(path, reference)
-
-
-def test_a_rank_blocked_forever_is_caught_dumped_and_restarted_bit_exact(reference, small_data, tmp_path):
-    # Rank 1 blocks after step 3's update; rank 0 waits in step 4's first collective. Step 3 is the first timed
-    # step, so its bound is the floor: 10 s here, instead of gloo's 30 minutes.
-    summary, path = run(tmp_path, small_data, {"faults.hang_at_step": 3, "faults.crash_rank": 1,
-                                               "watchdog.step_timeout_s": 10})
-    (rec,) = summary["recovery"]
-    hang = rec["hang"]
-    assert (hang["rank"], hang["step"], hang["window"], hang["bound_s"]) == (1, 3, "step", 10.0)
-    assert hang["where"].startswith("after_update (raysmol/train/faults.py:") and 10 <= hang["stuck_s"] < 13
-    assert rec["failure"].startswith("rank 1 hung at step 3") and rec["resume_step"] == 2
-    dump = storage.read_text(hang["stack"])
-    assert "threading.Event().wait()" in dump and "in train_func" in dump
-    assert_bit_exact(path, reference)
-
-
-def test_a_save_killed_midway_is_never_loaded(reference, small_data, tmp_path):
-    # Rank 1 dies after writing its files but before reporting; rank 0 reports: checkpoint_4 lands torn.
-    summary, path = run(tmp_path, small_data, {"faults.kill_during_save_at_step": 4, "faults.crash_rank": 1})
-    (rec,) = summary["recovery"]
-    assert rec["resume_step"] == 2 and rec["rejected_checkpoints"][0]["step"] == 4
-    assert "missing" in rec["rejected_checkpoints"][0]["reason"] or "never finished" in rec["rejected_checkpoints"][0]["reason"]
-    assert_bit_exact(path, reference)
-    assert ckpt.verify(path / "checkpoints" / "checkpoint_00000004")["step"] == 4  # re-saved whole
-
-
-def test_a_checkpoint_whose_registration_was_lost_is_still_used(reference, small_data, tmp_path):
-    summary, path = run(tmp_path, small_data, {"faults.crash_after_report_at_step": 4, "faults.crash_rank": 0})
-    (rec,) = summary["recovery"]
-    assert rec["resume_step"] == 4 and rec["steps_redone"] == 0
     assert_bit_exact(path, reference)
 
 

@@ -125,3 +125,15 @@ def test_the_recovery_report_names_the_rank_that_stopped_first():
                             "after_update (faults.py)")
     assert r["hang"]["rank"] == 1 and r["hang"]["stack"] == "r/hangs/x.txt" and r["hang"]["others"] == ["rank 0: all_reduce"]
     assert r["seconds_to_first_resumed_step"] == 39.0 and r["steps_redone"] == 0
+
+
+def test_a_drill_takes_one_step_or_a_list_and_each_is_checked():
+    f = load_config(None, ["faults.crash_at_step=3", "faults.hang_at_step=[2, 5]"]).faults
+    assert f.steps("crash_at_step") == [3] and f.at("hang_at_step", 5) and not f.at("hang_at_step", 3)
+    assert f.steps("nan_at_step") == []
+    with pytest.raises(ConfigError, match=r"faults.hang_at_step: must be a step in \[1, train.steps=600\].*got 700"):
+        load_config(None, ["faults.hang_at_step=[2, 700]"])
+    with pytest.raises(ConfigError, match="faults.kill_during_save_at_step: step 3 saves no checkpoint"):
+        load_config(None, ["faults.kill_during_save_at_step=[200, 3]"])
+    with pytest.raises(ConfigError, match="faults.crash_at_step"):
+        load_config(None, ["faults.crash_at_step=soon"])

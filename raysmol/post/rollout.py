@@ -122,9 +122,9 @@ class Rollouts(Hook):
         return packed, old, adv, rewards.reshape(-1)
 
     def _drill(self, step: int) -> None:
-        """faults.kill_engine_at_step: a lost engine actor (node gone, OOM), once per run."""
-        marker = storage.join(self.run_dir, "faults", "kill_engine")
-        if self.cfg.faults.kill_engine_at_step == step and not storage.exists(marker):
+        """faults.kill_engine_at_step: a lost engine actor (node gone, OOM), once per listed step."""
+        marker = storage.join(self.run_dir, "faults", f"kill_engine-{step}")
+        if self.cfg.faults.at("kill_engine_at_step", step) and not storage.exists(marker):
             storage.write_text(marker, str(step))
             log.warning("fault drill: killing engine actor 0 before the rollout of step %d", step)
             ray.kill(self.pool.actors[0], no_restart=True)

@@ -48,33 +48,33 @@ class Drills(Hook):
     def before_checkpoint(self, ctx: Context) -> None:
         """After the step is logged, before its checkpoint: the window a rehearsal kills a worker in."""
         c = self.cfg
-        if c.pause_at_step == ctx.step and self._once(f"pause_at_step-{ctx.step}-rank{self.rank}"):
+        if c.at("pause_at_step", ctx.step) and self._once(f"pause_at_step-{ctx.step}-rank{self.rank}"):
             time.sleep(c.pause_seconds)
 
     def after_update(self, ctx: Context) -> None:
         c, step = self.cfg, ctx.step
-        if c.crash_at_step == step and self.rank == c.crash_rank and self._once(f"crash_at_step-{step}"):
+        if c.at("crash_at_step", step) and self.rank == c.crash_rank and self._once(f"crash_at_step-{step}"):
             self._crash(f"crash rank {self.rank} after step {step}", c.crash_mode == "exit", step)
-        if c.hang_at_step == step and self.rank == c.crash_rank and self._once(f"hang_at_step-{step}"):
+        if c.at("hang_at_step", step) and self.rank == c.crash_rank and self._once(f"hang_at_step-{step}"):
             threading.Event().wait()  # forever, like a lost collective peer: only the watchdog gets this rank out
 
     def during_save(self, ctx: Context) -> None:
         """Midway through this rank's upload of a checkpoint: some of its files are on storage, the rest never land."""
         c, step = self.cfg, ctx.step
-        if c.kill_during_save_at_step == step and self.rank == c.crash_rank and self._once(f"kill_during_save-{step}"):
+        if c.at("kill_during_save_at_step", step) and self.rank == c.crash_rank and self._once(f"kill_during_save-{step}"):
             self._crash(f"rank {self.rank} killed while saving step {step}", True, step)
 
     def after_checkpoint(self, ctx: Context) -> None:
         c, step = self.cfg, ctx.step
-        if c.crash_after_report_at_step == step and self.rank == c.crash_rank and self._once(f"after_report-{step}"):
+        if c.at("crash_after_report_at_step", step) and self.rank == c.crash_rank and self._once(f"after_report-{step}"):
             self._crash(f"rank {self.rank} died right after reporting step {step}", True, step)
 
     def before_step(self, ctx: Context) -> None:
         """A factor for this step's loss (a spike or NaN drill); the same on every rank."""
         c, step = self.cfg, ctx.step
-        if c.nan_at_step == step and self._seen_once_all_ranks(f"nan-{step}"):
+        if c.at("nan_at_step", step) and self._seen_once_all_ranks(f"nan-{step}"):
             ctx.loss_scale = float("nan")
-        elif c.spike_at_step == step and self._seen_once_all_ranks(f"spike-{step}"):
+        elif c.at("spike_at_step", step) and self._seen_once_all_ranks(f"spike-{step}"):
             ctx.loss_scale = c.spike_factor
 
     def _seen_once_all_ranks(self, name: str) -> bool:

@@ -29,8 +29,14 @@ class Progress:
 
     def __init__(self):
         self.rows: list[dict[str, Any]] = []
+        self.nodes: list[str] = []  # the nodes of the last attempt's ranks
 
     def log(self, metrics: dict[str, Any]) -> None:
+        if metrics.get("event") == "start":
+            # A restart whose previous attempt had a rank on a node that is gone: the recovery report's cause.
+            alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+            metrics["lost_nodes"] = sorted({n for n in self.nodes if n and n not in alive})
+            self.nodes = metrics.get("nodes") or []
         self.rows.append(metrics)
 
     def since(self, i: int) -> list[dict[str, Any]]:

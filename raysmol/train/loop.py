@@ -111,8 +111,10 @@ def train_func(loop_config: dict[str, Any]) -> None:
     optimizer.veto = sentry.veto
     objective = task.objective(cfg)
     ctx.engine, ctx.model, ctx.step = engine, model, step
+    nodes: list = [None] * ctx.world
+    dist.all_gather_object(nodes, _node_id())  # the recovery report tells a lost node from a lost worker by them
     ctx.log({"event": "start", "step": step, "world_size": ctx.world, "resumed_from": resumed_from["checkpoint"],
-             "rejected": resumed_from["rejected"]})
+             "rejected": resumed_from["rejected"], "nodes": nodes})
     hooks.call("after_restore", ctx)
     if step == 0:
         ctx.log({"step": 0, "tokens": 0, **validate(engine, val, objective, cfg, rank, ctx.world, ctx.device),
@@ -218,6 +220,15 @@ def _device(cfg: Config) -> torch.device:
     import ray.train.torch
 
     return ray.train.torch.get_device()
+
+
+def _node_id() -> str | None:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # not in a Ray worker (a unit test)
+        return None
 
 
 def _choose_checkpoint(run_dir: str, tmp: Path) -> tuple[Path | None, dict | None, list[dict]]:

@@ -82,7 +82,7 @@ class Watchdog(Hook):
         if self._step_started is not None:
             self._durations.append(now - self._step_started)
         slow = (self._first or t.eval_due(step) or t.checkpoint_due(step) or t.export_due(step)
-                or ctx.cfg.faults.kill_engine_at_step == step)  # a drill's engine restart is not a hang
+                or ctx.cfg.faults.at("kill_engine_at_step", step))  # a drill's engine restart is not a hang
         self._first = False
         # Only plain steps are timed, so the median is a step's time, not a save's.
         self._step_started = None if slow else now
@@ -90,7 +90,7 @@ class Watchdog(Hook):
 
     def before_checkpoint(self, ctx: Context) -> None:
         f = ctx.cfg.faults
-        if f.pause_at_step == ctx.step:  # the drill's deliberate sleep (a window to kill a worker in) is not a hang
+        if f.at("pause_at_step", ctx.step):  # the drill's deliberate sleep (a window to kill a worker in) is not a hang
             self._step_started = None
             self._beat("pause", ctx.step, self.cfg.other_timeout_s + f.pause_seconds)
 
