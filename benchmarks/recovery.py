@@ -2,7 +2,7 @@
 workers, and from a rank that blocks forever to its detection and the first resumed step. Goals on the 2-core
 development machine: <= 15 s, <= 30 s, and a hang caught within its bound (60 s by default) then resumed within 20 s.
 
-    .venv/bin/python benchmarks/recovery.py [--only crash,node_loss,hang,chaos] [--steps 40] [--json]
+    .venv/bin/python benchmarks/recovery.py [--only crash,node_loss,hang,chaos,fresh_nodes] [--steps 40] [--json]
 
 Crash: a 2-worker ZeRO-2 run of the tiny model whose rank 0 hard-exits (`faults.crash_mode=exit`, like a
 segfault) right after step 25; Ray Train restarts the worker group and raysmol resumes from checkpoint 20. The time
@@ -18,6 +18,10 @@ Hang: the crash run's set-up, but rank 1 blocks forever after step 25 (`faults.h
 settings). Without the watchdog it would wait in gloo's collective for the process group's timeout (1800 s, the
 baseline the ratio is against); the run's recovery report gives the detection time (the hung window's age when it
 fired) and the time from the hang to the first resumed step.
+
+Fresh nodes: tests/test_autoscaling.py (Ray's autoscaler v2 on its fake multi-node provider, from zero worker
+nodes): seconds from submitting a 2-worker run to its first step on the nodes launched for it, how soon the idle
+nodes are removed afterwards, and how soon an elastic run trains at the larger size once a node may join.
 
 Chaos: tests/test_chaos.py, run by pytest (its cluster of three private-disk nodes and its S3 server are test
 fixtures): ten faults in one 40-step run, then the same run uninterrupted; the wall time of each, from the driver's
@@ -39,7 +43,7 @@ import tempfile
 import threading
 import time
 
-GOALS = {"crash": 15.0, "node_loss": 30.0, "hang": 60.0 + 20.0, "chaos": None}
+GOALS = {"crash": 15.0, "node_loss": 30.0, "hang": 60.0 + 20.0, "chaos": None, "fresh_nodes": None}
 PG_TIMEOUT_S = 1800.0  # what a hung rank costs without the watchdog (torch's default process-group timeout)
 
 
@@ -84,15 +88,25 @@ def hang(out: str, steps: int) -> dict:
             "world_size": rec["world_size"]}
 
 
-def chaos(out: str, steps: int) -> dict:
+def _test_result(out: str, test: str, tag: str) -> dict:
+    """Run a test module whose cluster the test fixtures own; the line it prints starting with `tag`."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "--basetemp", out,
-                           "tests/test_chaos.py"], cwd=root, capture_output=True, text=True)
-    line = next((x for x in proc.stdout.splitlines() if x.startswith("CHAOS ")), None)
+                           test], cwd=root, capture_output=True, text=True)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith(tag + " ")), None)
     if proc.returncode or line is None:
-        raise RuntimeError(f"tests/test_chaos.py failed ({proc.returncode}):\n{proc.stdout[-5000:]}")
-    r = json.loads(line[len("CHAOS "):])
+        raise RuntimeError(f"{test} failed ({proc.returncode}):\n{proc.stdout[-5000:]}")
+    return json.loads(line[len(tag) + 1:])
+
+
+def chaos(out: str, steps: int) -> dict:
+    r = _test_result(out, "tests/test_chaos.py", "CHAOS")
     return {**r, "seconds": r["chaos_s"] - r["clean_s"], "ratio": r["chaos_s"] / r["clean_s"]}
+
+
+def fresh_nodes(out: str, steps: int) -> dict:
+    r = _test_result(out, "tests/test_autoscaling.py", "FRESH_NODES")
+    return {**r, "seconds": r["submit_to_first_step_s"]}
 
 
 def node_loss(out: str, steps: int) -> dict:
@@ -149,7 +163,8 @@ def main() -> int:
         p.error(f"--steps {args.steps}: at least 8 (a checkpoint every steps/4, the fault after step 5*steps/8)")
     if args._part:
         with tempfile.TemporaryDirectory(prefix="raysmol-recovery-") as out:
-            print("RESULT " + json.dumps({"crash": crash, "node_loss": node_loss, "hang": hang, "chaos": chaos}[args._part](out, args.steps)))
+            print("RESULT " + json.dumps({"crash": crash, "node_loss": node_loss, "hang": hang, "chaos": chaos,
+                                        "fresh_nodes": fresh_nodes}[args._part](out, args.steps)))
         return 0
     parts = [x for x in args.only.split(",") if x]
     if bad := [x for x in parts if x not in GOALS]:
@@ -167,6 +182,12 @@ def main() -> int:
         print(json.dumps(results, indent=1))
         return 0
     for part, r in results.items():
+        if part == "fresh_nodes":
+            print(f"{part:10s} {r['seconds']:6.1f} s from submit to the first step on freshly launched nodes "
+                  f"({r['prepare_s']:.0f} s of it preparing data on a node launched for it); idle nodes gone "
+                  f"{r['nodes_removed_after_s']:.0f} s after the run; an elastic run's first step at the larger size "
+                  f"{r['grown_first_step_after_allowed_s']:.0f} s after a node was allowed to join")
+            continue
         if part == "chaos":
             print(f"{part:10s} {r['chaos_s']:6.0f} s with {r['faults']} faults vs {r['clean_s']:.0f} s uninterrupted: "
                   f"{r['ratio']:.2f}x, {r['seconds'] / r['faults']:.0f} s per fault")

@@ -382,6 +382,8 @@ class TrainConfig:
     min_workers: int | None = None
     """Elastic training: with min_workers < num_workers Ray Train starts with as many workers as fit (at least
     min_workers) and restarts at a new size when nodes come or go; the global batch stays the same."""
+    elastic_resize_interval_s: float = 60.0
+    """Elastic training: how often Ray Train looks for room to grow (nodes that joined since the start)."""
     use_gpu: bool = False
     zero_stage: int = 2
     precision: Literal["auto", "bf16", "fp32"] = "auto"
@@ -480,6 +482,8 @@ class TrainConfig:
         need(self.min_workers is None or 1 <= self.min_workers <= self.num_workers, "min_workers",
              f"must be in [1, train.num_workers={self.num_workers}], got {self.min_workers}")
         need(self.max_failures >= 0, "max_failures", f"must be >= 0, got {self.max_failures}")
+        need(self.elastic_resize_interval_s > 0, "elastic_resize_interval_s",
+             f"must be positive, got {self.elastic_resize_interval_s}")
         need(not (self.liger and not self.use_gpu), "liger",
              "Liger kernels are Triton GPU kernels: needs train.use_gpu: true")
         need(self.peak_flops is None or self.peak_flops > 0, "peak_flops", f"must be positive, got {self.peak_flops}")

@@ -106,7 +106,7 @@ def recovery_report(rows: list[dict]) -> list[dict[str, Any]]:
         out.append({
             "failure": ("re-submitted: a new driver continued the run" if submits else faults[-1]["fault"] if faults
                         else _hung(hang) if hang else _lost_node(rows[a], start) if start.get("lost_nodes")
-                        else "worker lost (no drill): killed, crashed or node gone"),
+                        else _grown(rows[a], start) or "worker lost (no drill): killed, crashed or node gone"),
             **({"hang": {**{k: hang[k] for k in ("rank", "step", "window", "where", "stack", "stuck_s", "bound_s")},
                          "others": [f"rank {h['rank']}: {h['where']}" for h in hangs if h is not hang]}}
                if hang and not submits and not faults else {}),
@@ -118,6 +118,12 @@ def recovery_report(rows: list[dict]) -> list[dict[str, Any]]:
             "seconds_to_first_resumed_step": (first["time"] - failed_at) if first else None,
         })
     return out
+
+
+def _grown(before: dict, start: dict) -> str | None:
+    """An elastic run restarted larger with nothing failing: Ray Train found room for more workers."""
+    old, new = before.get("world_size"), start.get("world_size")
+    return f"elastic resize: {old} -> {new} workers (room for more)" if old and new and new > old else None
 
 
 def _lost_node(before: dict, start: dict) -> str:

@@ -160,9 +160,12 @@ def test_recovery_report_from_rows():
     # a restart whose previous attempt had rank 1 on a node that is gone since
     lost = [{"step": 4, "loss": 5, "time": 27.0},
             {"event": "start", "step": 4, "nodes": ["aa" * 28, "bb" * 28], "time": 30.0}, {"step": 5, "loss": 5, "time": 31.0},
-            {"event": "start", "step": 4, "nodes": ["aa" * 28, "cc" * 28], "lost_nodes": ["bb" * 28], "time": 40.0},
+            {"event": "start", "step": 4, "world_size": 2, "nodes": ["aa" * 28, "cc" * 28], "lost_nodes": ["bb" * 28], "time": 40.0},
             {"step": 5, "loss": 5, "time": 41.0}]
     assert recovery_report(rows + later + lost)[-1]["failure"] == "node lost: bbbbbbbbbbbb (rank 1 ran there)"
+    # an elastic run that found room for another worker: nothing failed
+    grown = [{"event": "start", "step": 6, "world_size": 3, "time": 50.0}, {"step": 7, "loss": 5, "time": 51.0}]
+    assert recovery_report(rows + later + lost + grown)[-1]["failure"] == "elastic resize: 2 -> 3 workers (room for more)"
 
 
 # ---------------------------------------------------------------- real runs

@@ -26,8 +26,9 @@ Harmless (allowed, logged and recorded in summary.json's `resume`):
                                 gradient accumulation makes up the rest, and a checkpoint from another world size
                                 is resharded (config validation keeps every size a whole number of passes). Only the
                                 summation order of the gradients changes
-  train.max_failures, cpu_threads_per_worker, peak_flops
-                                fault tolerance, CPU threading, MFU reporting
+  train.max_failures, cpu_threads_per_worker, peak_flops, elastic_resize_interval_s
+                                fault tolerance, CPU threading, MFU reporting, how often an elastic run looks
+                                for room to grow
   train.activation_checkpointing, compile, liger; model.attn_implementation
                                 kernels and memory: the same function, up to rounding
   data.cache_dir                where prepared shards are cached (their folder is a hash of the inputs)
@@ -66,7 +67,7 @@ NEVER_COMPARED = ("run.name", "run.output_dir", "train.allow_changes")
 HARMLESS = (
     "train.eval_every", "train.eval_batches", "train.eval_suite", "train.eval_suite_samples", "train.log_every",
     "train.checkpoint_every", "train.keep_checkpoints", "train.keep_every", "train.export_every",
-    "train.num_workers", "train.min_workers", "train.micro_batch_size",
+    "train.num_workers", "train.min_workers", "train.micro_batch_size", "train.elastic_resize_interval_s",
     "train.max_failures", "train.cpu_threads_per_worker", "train.peak_flops",
     "train.activation_checkpointing", "train.compile", "train.liger", "model.attn_implementation",
     "data.cache_dir", "run.category", "faults", "guard", "watchdog",
