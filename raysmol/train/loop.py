@@ -87,7 +87,8 @@ def train_func(loop_config: dict[str, Any]) -> None:
     t, g, rank = cfg.train, cfg.guard, dist.get_rank()
     ctx = Context(cfg, rank, dist.get_world_size(), _device(cfg), loop_config["run_dir"], partial(_log, progress, rank))
     sentry = Sentry(None, SpikeGuard(g.window, g.min_steps, g.loss_zscore, g.grad_norm_factor), g.action)
-    hooks = Hooks([Watchdog(cfg.watchdog, progress), sentry, *task.hooks(), *loop_config["hooks"], Drills(cfg.faults, ctx.run_dir, rank, progress)])
+    hooks = Hooks([Watchdog(cfg.watchdog, progress), sentry, *task.hooks(), *loop_config["hooks"],
+                   Drills(cfg.faults, ctx.run_dir, rank, progress)])
     hooks.call("setup", ctx)
     batches, val = task.batches(ctx)
     model = prepare_for_training(task.model(ctx), cfg)
