@@ -19,7 +19,7 @@ if [ "${1:-run}" = fetch ]; then
   plat=(--only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
         --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
   python3 -m pip download --no-deps "${plat[@]}" -d .whl transformers==5.19.0 hjson pydantic==2.14.4 pydantic-core==2.50.5 \
-    annotated-types typing-inspection typing-extensions
+    annotated-types typing-inspection typing-extensions liger-kernel==0.8.5
   # DeepSpeed ships as a source archive only; it is installed there without building any op (DS_BUILD_OPS=0).
   python3 -m pip download --no-deps --no-binary=:all: -d .whl deepspeed==0.19.8
   du -sh .whl && ls .whl
@@ -38,17 +38,19 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 python3 -c "import torch, transformers, deepspeed; print('torch', torch.__version__, 'transformers',
 transformers.__version__, 'deepspeed', deepspeed.__version__, 'gpus', torch.cuda.device_count())" || exit 1
 
-bench() {  # $1: label; the rest: extra arguments. One profiler step only: the trace must stay small to come back.
-  local label=$1; shift
-  timeout 420 python3 benchmarks/gpu_throughput.py --json --profile "$OUT/prof_$label" --profile-steps 1 "$@" \
-    > "$OUT/stdout_$label.txt" && tail -n 1 "$OUT/stdout_$label.txt" > "$OUT/result.json"
+bench() {  # $1: label, $2: result file; the rest: extra arguments. One profiler step only: the trace must stay small.
+  local label=$1 result=$2; shift 2
+  timeout 300 python3 benchmarks/gpu_throughput.py --json --profile "$OUT/prof_$label" --profile-steps 1 "$@" \
+    > "$OUT/stdout_$label.txt" && tail -n 1 "$OUT/stdout_$label.txt" > "$OUT/$result"
 }
 # The default GPU path (attention auto: flash-attn if installed, else PyTorch's varlen kernel); if that fails,
 # the same measurement with SDPA so the session still gets numbers (and the log says why the first one failed).
-bench default || { echo "default path failed; measuring again with model.attn_implementation=sdpa";
-                   bench sdpa model.attn_implementation=sdpa; }
+bench default result.json || { echo "default path failed; measuring again with model.attn_implementation=sdpa";
+                              bench sdpa result.json model.attn_implementation=sdpa; }
+# The same shape with Liger's fused kernels (RMSNorm, SwiGLU, RoPE, linear cross-entropy): train.liger=true.
+bench liger result_liger.json train.liger=true || echo "the liger run failed (see stdout_liger.txt)"
 for d in "$OUT"/prof_*; do
   [ -d "$d" ] && for f in "$d"/*.json; do gzip -c "$f" > "$OUT/$(basename "$d")_$(basename "$f").gz"; done
   rm -rf "$d"
 done
-[ -f "$OUT/result.json" ] && cat "$OUT/result.json"
+for r in "$OUT"/result*.json; do [ -f "$r" ] && cat "$r"; done
