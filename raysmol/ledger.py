@@ -12,6 +12,7 @@ the two are never added together: the table has one block per device kind.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections import defaultdict
 from typing import Any
@@ -81,11 +82,10 @@ def restart_seconds(rows: list[dict], recovery: list[dict], started: float) -> f
 
 
 def collect(root: str) -> list[dict[str, Any]]:
-    """Every record of every ledger.jsonl under `root` (a local directory tree), with its file."""
-    from pathlib import Path
-
+    """Every record of every ledger.jsonl under `root` (a local directory tree or object storage), with its file."""
     out = []
-    for f in sorted(Path(root).expanduser().rglob(LEDGER_FILE)):
+    root = root if storage.is_remote(root) else os.path.expanduser(root)
+    for f in storage.find(root, LEDGER_FILE):
         for i, rec in storage.jsonl_objects(f, LedgerError):
             for key in ("category", "devices", "device_kind", "device_hours"):
                 if key not in rec:

@@ -195,6 +195,16 @@ def listdir(uri: PathLike) -> list[str]:
     return sorted(posixpath.basename(info.path.rstrip("/")) for info in infos)
 
 
+def find(uri: PathLike, name: str) -> list[str]:
+    """Sorted paths (URIs for object storage) of every file called `name` anywhere under the directory `uri`;
+    [] when it does not exist."""
+    fs, path = filesystem(uri)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=True))
+    root = os.fspath(uri).rstrip("/")
+    return sorted(join(root, posixpath.relpath(i.path, path)) for i in infos
+                  if i.type == pafs.FileType.File and posixpath.basename(i.path) == name)
+
+
 def remove_tree(uri: PathLike) -> None:
     """Delete a directory with everything below it, or a single file; nothing if it is missing.
 

@@ -224,3 +224,11 @@ def test_records_read_jsonl_parquet_and_globs(tmp_path):
     assert [r["x"] for _, r in storage.records(str(tmp_path / "a-*.jsonl"))] == [1, 2, 5]
     with pytest.raises(ValueError, match="no file matches"):
         list(storage.records(str(tmp_path / "c-*.jsonl")))
+
+
+def test_find_lists_every_file_of_a_name_under_a_tree(root: str):
+    for rel in ("a/x.jsonl", "a/b/x.jsonl", "a/y.txt", "c/x.jsonl.bak"):
+        storage.write_text(storage.join(root, rel), "{}\n")
+    assert storage.find(root, "x.jsonl") == [storage.join(root, "a/b/x.jsonl"), storage.join(root, "a/x.jsonl")]
+    assert all(storage.read_text(f) == "{}\n" for f in storage.find(root, "x.jsonl"))  # usable as given
+    assert storage.find(storage.join(root, "missing"), "x.jsonl") == []

@@ -154,8 +154,7 @@ def write(sweep_dir: str) -> str:
     for t in sweep["trials"]:
         last = t["stopped_at_step"] if t["status"] == "stopped" else (t["history"][-1][0] if t["history"] else "-")
         md.append(f"| {t['name']} | {t['status']} | {last} | {t['seconds']:.0f} |")
-    if not storage.is_remote(sweep_dir):
-        md += ["", "## Compute (ledger)", "", ledger.format_table(ledger.summarize(ledger.collect(sweep_dir)))]
+    md += ["", "## Compute (ledger)", "", ledger.format_table(ledger.summarize(ledger.collect(sweep_dir)))]
     storage.write_text(storage.join(sweep_dir, "report.md"), "\n".join(md) + "\n")
     return table + rule + "\n" + f"report: {storage.join(sweep_dir, 'report.md')}\n"
 

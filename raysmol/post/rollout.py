@@ -280,11 +280,15 @@ class GRPO(PostTask):
         if longest + g.max_new_tokens > cfg.train.seq_len:
             raise ConfigError(f"{cfg.origin}: train.seq_len={cfg.train.seq_len} is shorter than the longest prompt "
                               f"({longest} tokens) + grpo.max_new_tokens={g.max_new_tokens}")
-        # The engines start from the base weights with the chat template (tokenizer folder copied beside them).
-        start = Path(tempfile.mkdtemp(prefix="raysmol-grpo-base-"))
-        storage.download_dir(str(self.base), start)
-        hf_tok.save_pretrained(start)
-        pool = EnginePool(g.engine, str(start), num_engines=g.num_engines, version=0, timeout_s=g.rollout_timeout_s,
+        # The engines start from the base weights with the chat template beside them, written as policy version 0
+        # under the run directory like every later version: engines on other nodes resolve it there (a folder in
+        # the driver's temp dir exists on the driver's disk only).
+        start = storage.join(run_dir(cfg), "policy", f"v{0:08d}")
+        with tempfile.TemporaryDirectory(prefix="raysmol-grpo-base-") as d:
+            storage.download_dir(str(self.base), d)
+            hf_tok.save_pretrained(d)
+            storage.upload_dir(d, start)
+        pool = EnginePool(g.engine, start, num_engines=g.num_engines, version=0, timeout_s=g.rollout_timeout_s,
                           load_timeout_s=g.sync_timeout_s, cpus_per_engine=g.cpus_per_engine,
                           gpus_per_engine=g.gpus_per_engine if cfg.train.use_gpu else 0)
         self.rollouts = Rollouts(cfg, pool, train, held_out, run_dir(cfg), self.init_uri)
@@ -299,7 +303,7 @@ class GRPO(PostTask):
         return [self.rollouts]
 
     def summarise(self, cfg: Config, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        return {"grpo": {"data": cfg.grpo.data, "init_from": str(self.base), **grpo_summary(rows, self.rollouts)}}
+        return {"grpo": {"data": cfg.grpo.data, "init_from": self.init_uri, **grpo_summary(rows, self.rollouts)}}
 
     def close(self) -> None:
         self.rollouts.shutdown()
