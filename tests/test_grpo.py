@@ -316,9 +316,22 @@ def test_truncated_importance_sampling_caps_the_weights():
     ("grpo.tis_cap=0", "grpo.tis_cap: must be positive"),
     ("grpo.logprobs=engine grpo.tis_cap=2", "grpo.tis_cap: needs logprobs: trainer"),
     ("grpo.logprobs=vllm", "grpo.logprobs: 'vllm' is not one of 'trainer', 'engine'"),
+    ("grpo.engine_dtype=auto", "grpo.engine_dtype: auto is vLLM's choice"),
+    ("grpo.engine_dtype=fp16", "grpo.engine_dtype: 'fp16' is not one of"),
 ])
 def test_logprob_config_errors_name_the_key(override, needle):
     from raysmol.config import load_config
 
     with pytest.raises(ConfigError, match=needle):
         load_config(Path(__file__).resolve().parents[1] / "jobs" / "grpo_tiny.yaml", override.split())
+
+
+def test_engines_default_to_the_trainers_precision():
+    from raysmol.config import load_config
+    from raysmol.post.rollout import engine_dtype
+
+    job = Path(__file__).resolve().parents[1] / "jobs" / "grpo_tiny.yaml"
+    assert engine_dtype(load_config(job)) == "float32"  # CPU: fp32
+    assert engine_dtype(load_config(job, ["train.use_gpu=true"])) == "bfloat16"  # GPU auto: bf16
+    assert engine_dtype(load_config(job, ["train.use_gpu=true", "train.precision=fp32"])) == "float32"
+    assert engine_dtype(load_config(job, ["grpo.engine=vllm", "grpo.engine_dtype=auto"])) == "auto"

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from raysmol import storage
 from raysmol.config import Config, ConfigError
 from raysmol.data.batches import Batch
+from raysmol.model import precision
 from raysmol.model.folder import resolve_model
 from raysmol.post.base import PostTask
 from raysmol.post.grpo import (completion_rows, group_advantages, grpo, read_prompts, render_prompt,
@@ -277,6 +278,12 @@ def _logps(model, batch: Batch, device) -> torch.Tensor:
     return token_logps(model, to_device(batch, device, model))[0].cpu()
 
 
+def engine_dtype(cfg: Config) -> str:
+    """grpo.engine_dtype, by default the trainer's precision: engines and trainer then compute the same
+    probabilities (vLLM's own default serves a float32 checkpoint in 16 bits)."""
+    return cfg.grpo.engine_dtype or {"bf16": "bfloat16", "fp32": "float32"}[precision(cfg)]
+
+
 def _plain(row: dict) -> dict:
     return {k: v for k, v in row.items() if k != "where"}
 
@@ -305,7 +312,8 @@ class GRPO(PostTask):
         hf_tok.save_pretrained(start)
         pool = EnginePool(g.engine, str(start), num_engines=g.num_engines, version=0, timeout_s=g.rollout_timeout_s,
                           load_timeout_s=g.sync_timeout_s, cpus_per_engine=g.cpus_per_engine,
-                          gpus_per_engine=g.gpus_per_engine if cfg.train.use_gpu else 0)
+                          gpus_per_engine=g.gpus_per_engine if cfg.train.use_gpu else 0,
+                          options={"dtype": engine_dtype(cfg)})
         self.rollouts = Rollouts(cfg, pool, train, held_out, run_dir(cfg), self.init_uri)
 
     def objective(self, cfg: Config) -> Objective:
