@@ -309,7 +309,20 @@ class GRPOConfig:
     """PPO-style clipping of the probability ratio between the trained policy and the one that sampled."""
     kl_beta: float = 0.0
     """Weight of the KL penalty to the init_from model (0 = none, and no reference model is kept)."""
+    logprobs: Literal["trainer", "engine"] = "trainer"
+    """The ratio's denominator. trainer: the trainer's own log-probs of the sampled tokens under the weights that
+    sampled them, recomputed before the step's update (verl's way: the ratio is exactly 1 on-policy whatever the
+    engine's kernels and precision); engine: the log-probs the engine reported while sampling."""
+    tis_cap: float | None = None
+    """Truncated importance sampling (Yao et al. 2025): weight each token's surrogate by
+    min(exp(trainer - engine log-prob), tis_cap), correcting for the engine sampling from a slightly different
+    distribution than the trainer's weights give; None: off. Needs logprobs: trainer (with engine the ratio
+    already carries that weight, untruncated)."""
     engine: Literal["transformers", "vllm"] = "transformers"
+    engine_dtype: Literal["float32", "bfloat16", "float16", "auto"] | None = None
+    """The engines' dtype; None: the trainer's precision (float32, or bfloat16 when train.precision is bf16),
+    so that engine and trainer compute the same probabilities. auto (vllm only): vLLM's choice, 16-bit for a
+    float32 checkpoint."""
     num_engines: int = 1
     gpus_per_engine: float = 1.0
     """GPUs per engine actor when train.use_gpu (CPU engines take cpus_per_engine)."""
@@ -337,6 +350,11 @@ class GRPOConfig:
         need(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
         need(self.clip > 0, "clip", f"must be positive, got {self.clip}")
         need(self.kl_beta >= 0, "kl_beta", f"must be >= 0, got {self.kl_beta}")
+        need(self.tis_cap is None or self.tis_cap > 0, "tis_cap", f"must be positive (null: off), got {self.tis_cap}")
+        need(self.tis_cap is None or self.logprobs == "trainer", "tis_cap",
+             "needs logprobs: trainer (with logprobs: engine the ratio already weights by trainer/engine)")
+        need(self.engine_dtype != "auto" or self.engine == "vllm", "engine_dtype",
+             "auto is vLLM's choice; the transformers engine needs float32, bfloat16 or float16 (or null)")
         need(self.num_engines >= 1, "num_engines", f"must be >= 1, got {self.num_engines}")
         need(self.reward_cpus >= 0, "reward_cpus", f"must be >= 0, got {self.reward_cpus}")
         need(self.reward_tasks >= 1, "reward_tasks", f"must be >= 1, got {self.reward_tasks}")

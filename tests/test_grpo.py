@@ -55,7 +55,8 @@ def test_grpo_objective_equals_a_hand_computation():
     for r, lps in enumerate(ref):
         ref_rows[r, len(prompt) - 1:len(prompt) - 1 + len(lps)] = lps
     batch = packed.batch(np.arange(3))
-    batch.extras = {"old_logps": torch.from_numpy(old), "advantages": torch.tensor(adv, dtype=torch.float32),
+    batch.extras = {"old_logps": torch.from_numpy(old), "engine_logps": torch.from_numpy(old),
+                    "advantages": torch.tensor(adv, dtype=torch.float32),
                     "rewards": torch.tensor([1.0, 0.0, 0.0]), "ref_logps": torch.from_numpy(ref_rows)}
     clip, beta = 0.2, 0.05
     loss, metrics = grpo(model, batch, clip, beta)
@@ -182,3 +183,128 @@ def test_grpo_with_a_vllm_engine_follows_every_update(ray_local, small_data, hf_
     checks = [r["sync_check"] for r in rows if "loss" in r]
     assert checks == [{"version": s, "engine_versions": [s], "greedy_match": True} for s in (1, 2)]
     assert summary["grpo"]["engine_restarts"] == 0
+
+
+# ---------------------------------------------------------------- the ratio's denominator (issue 16, item 1)
+
+def tiny_llama(seed: int = 0) -> transformers.LlamaForCausalLM:
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=32))
+
+
+def test_the_ratio_is_exactly_one_before_the_steps_update(monkeypatch):
+    """Rollouts.micro_batches (the loop's data source) recomputes old_logps with the trainer's weights, and the
+    objective the loop runs finds ratio == 1 exactly on the step's first micro-batch, although the engine (a
+    bfloat16 copy, as vLLM's `auto` serves a float32 checkpoint) reported other log-probs."""
+    import copy
+    from types import SimpleNamespace
+
+    from raysmol.post import rollout
+    from raysmol.post.rollout import GRPO, Rollouts
+    from raysmol.train.objectives import to_device
+
+    model = tiny_llama().train()  # the loop's engine is in training mode
+    engine = copy.deepcopy(model).to(torch.bfloat16).eval()
+    prompts, completions = [[3, 4, 5], [6, 7]], [[[7, 8, 2], [9, 2]], [[10, 11, 12, 2], [13, 2]]]
+    engine_lps = []
+    with torch.no_grad():
+        for p, group in zip(prompts, completions):
+            lps = []
+            for c in group:
+                logits = engine(torch.tensor([p + c])).logits[0].float()
+                lps.append([float(F.log_softmax(logits[j - 1], -1)[(p + c)[j]]) for j in range(len(p), len(p + c))])
+            engine_lps.append(lps)
+    packed, engine_rows = completion_rows(prompts, completions, engine_lps, seq_len=10, pad_id=0)
+    rollouts = Rollouts.__new__(Rollouts)
+    rollouts.cfg = SimpleNamespace(grpo=SimpleNamespace(prompts_per_step=2), data=SimpleNamespace(seed=0))
+    rollouts.train, rollouts.ref, rollouts.stats, rollouts.device = [{}] * 4, None, {}, torch.device("cpu")
+    rollouts.policy = model  # what after_restore sets: the engine the loss runs on
+    rollouts._rollout = lambda rows, step: (packed, engine_rows, np.array([1.0, -1.0, 0.5, -0.5]), np.ones(4))
+    monkeypatch.setattr(rollout.dist, "broadcast_object_list", lambda box, src: None)  # one rank
+    mbs = rollouts.micro_batches(0, rank=0, world=1, micro=2)
+    assert torch.equal(mbs[0].extras["engine_logps"], torch.from_numpy(engine_rows[:2]))
+
+    def first_two(logprobs: str) -> list[dict]:
+        """The loop's per-micro-batch calls (train_step), with an update after each to show the second moves."""
+        policy = copy.deepcopy(model)
+        opt = torch.optim.SGD(policy.parameters(), lr=1.0)
+        objective = GRPO.objective(None, SimpleNamespace(grpo=SimpleNamespace(
+            clip=0.2, kl_beta=0.0, logprobs=logprobs, tis_cap=None)))
+        out = []
+        for mb in mbs:
+            loss, metrics = objective(policy, to_device(mb, "cpu", policy))
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            out.append(metrics)
+        return out
+
+    first, second = first_two("trainer")
+    assert float(first["ratio_min"]) == float(first["ratio_max"]) == float(first["ratio_mean"]) == 1.0
+    assert float(first["clip_fraction"]) == 0.0
+    assert float(first["engine_gap_max"]) > 0  # the engine's 16-bit log-probs differ ...
+    assert float(second["ratio_max"]) != 1.0  # ... and an update does move the ratio (the check is not vacuous)
+    # Against the engine's log-probs the on-policy ratio is off by the engine's rounding.
+    assert float(first_two("engine")[0]["ratio_max"]) != 1.0
+
+
+def test_engine_trainer_gap_and_ratio_metrics_equal_a_hand_computation():
+    from raysmol.post.importance import logp_gap, ratio_stats
+
+    mask = torch.tensor([[False, True, True, False], [False, True, False, False]])
+    trainer = torch.tensor([[0.0, -1.0, -2.0, 0.0], [0.0, -0.5, -9.0, 0.0]])
+    engine = torch.tensor([[0.0, -1.1, -1.8, 0.0], [0.0, -0.5, 0.0, 0.0]])  # 9.0 off where no label: ignored
+    gap = {k: float(v) for k, v in logp_gap(engine, trainer, mask).items()}
+    assert gap["engine_gap_mean"] == pytest.approx((0.1 + 0.2 + 0.0) / 3)
+    assert gap["engine_gap_max"] == pytest.approx(0.2)
+    assert gap["engine_weight_mean"] == pytest.approx((math.exp(0.1) + math.exp(-0.2) + 1) / 3)
+    ratio = torch.tensor([[5.0, 0.9, 1.3, 0.0], [7.0, 1.1, 0.1, 9.0]])
+    stats = {k: float(v) for k, v in ratio_stats(ratio, mask).items()}
+    assert stats == pytest.approx({"ratio_mean": (0.9 + 1.3 + 1.1) / 3, "ratio_min": 0.9, "ratio_max": 1.3})
+
+
+def test_truncated_importance_sampling_caps_the_weights():
+    from raysmol.post.importance import tis_weight
+
+    trainer = torch.tensor([[-1.0, -1.0, -1.0]])
+    engine = trainer - torch.tensor([[math.log(0.5), 0.0, math.log(10.0)]])  # weights 0.5, 1, 10
+    assert tis_weight(engine, trainer, cap=2.0).tolist()[0] == pytest.approx([0.5, 1.0, 2.0])
+    # Through the objective: every weight 10, capped at 2, doubles the surrogate (no KL here).
+    model = tiny_llama()
+    packed, old = completion_rows([[3, 4, 5]], [[[7, 8, 2], [9, 2]]], [[[-3.0, -3.5, -3.0], [-3.2, -3.1]]],
+                                  seq_len=10, pad_id=0)
+    batch = packed.batch(np.arange(2))
+    mask = torch.from_numpy(old != 0)
+    batch.extras = {"old_logps": torch.from_numpy(old), "engine_logps": torch.from_numpy(old) - math.log(10.0) * mask,
+                    "advantages": torch.tensor([1.0, -1.0]), "rewards": torch.tensor([1.0, 0.0])}
+    plain, _ = grpo(model, batch, 0.2, 0.0)
+    capped, metrics = grpo(model, batch, 0.2, 0.0, tis_cap=2.0)
+    assert float(capped) == pytest.approx(2 * float(plain), rel=1e-6)
+    assert float(metrics["tis_weight_mean"]) == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("grpo.tis_cap=0", "grpo.tis_cap: must be positive"),
+    ("grpo.logprobs=engine grpo.tis_cap=2", "grpo.tis_cap: needs logprobs: trainer"),
+    ("grpo.logprobs=vllm", "grpo.logprobs: 'vllm' is not one of 'trainer', 'engine'"),
+    ("grpo.engine_dtype=auto", "grpo.engine_dtype: auto is vLLM's choice"),
+    ("grpo.engine_dtype=fp16", "grpo.engine_dtype: 'fp16' is not one of"),
+])
+def test_logprob_config_errors_name_the_key(override, needle):
+    from raysmol.config import load_config
+
+    with pytest.raises(ConfigError, match=needle):
+        load_config(Path(__file__).resolve().parents[1] / "jobs" / "grpo_tiny.yaml", override.split())
+
+
+def test_engines_default_to_the_trainers_precision():
+    from raysmol.config import load_config
+    from raysmol.post.rollout import engine_dtype
+
+    job = Path(__file__).resolve().parents[1] / "jobs" / "grpo_tiny.yaml"
+    assert engine_dtype(load_config(job)) == "float32"  # CPU: fp32
+    assert engine_dtype(load_config(job, ["train.use_gpu=true"])) == "bfloat16"  # GPU auto: bf16
+    assert engine_dtype(load_config(job, ["train.use_gpu=true", "train.precision=fp32"])) == "float32"
+    assert engine_dtype(load_config(job, ["grpo.engine=vllm", "grpo.engine_dtype=auto"])) == "auto"

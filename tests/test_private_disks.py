@@ -106,7 +106,7 @@ def test_grpo_on_a_node_with_its_own_disk_survives_a_lost_engine_and_a_crash(clu
                            f"grpo.data={prompts}", "grpo.reward=tests.grpo_rewards:digits", "grpo.group_size=4",
                            "grpo.prompts_per_step=2", "grpo.eval_prompts=4", "grpo.verify_sync=true", "optim.lr=1e-2",
                            "optim.warmup_steps=0", "train.num_workers=1", "train.steps=3", "train.checkpoint_every=2",
-                           "train.eval_every=3", "train.global_batch_tokens=384", "train.micro_batch_size=8",
+                           "train.eval_every=3", "train.global_batch_tokens=384", "train.micro_batch_size=2",
                            "faults.kill_engine_at_step=2", "faults.crash_at_step=3"])
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-5000:]
     summary = json.loads(storage.read_text(f"{run}/summary.json"))
@@ -119,6 +119,9 @@ def test_grpo_on_a_node_with_its_own_disk_survives_a_lost_engine_and_a_crash(clu
     for r in steps:  # after each update: every engine reports the new version, greedy tokens equal the trainer's
         assert r["sync_check"] == {"version": r["step"], "engine_versions": [r["step"]], "greedy_match": True}
         assert 0 <= r["reward"] <= 1 and r["completion_tokens"] > 0
+        # One update per step over four micro-batches: all on-policy, and the trainer's own log-probs make that exact.
+        assert r["ratio_min"] == r["ratio_max"] == r["ratio_mean"] == 1.0 and r["clip_fraction"] == 0
+        assert 0 <= r["engine_gap_mean"] <= r["engine_gap_max"] and r["logps_s"] > 0
     # Engine 0 was killed before step 2's rollout (replaced, retried); the resumed worker found the driver's
     # original engine 0 dead too and replaced it while pushing step 2's weights.
     assert [r["engine_restarts"] for r in steps] == [0, 1, 1]

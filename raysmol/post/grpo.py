@@ -15,6 +15,7 @@ import torch
 
 from raysmol.data.batches import Batch
 from raysmol.post.chat import ChatError, Packed, builtin_conversations, fill
+from raysmol.post.importance import logp_gap, masked_mean, ratio_stats, tis_weight
 from raysmol.train.objectives import token_logps
 
 REWARDS = ("exact", "math", "code")
@@ -147,23 +148,32 @@ __all__ = ["REWARDS", "read_prompts", "prompt_messages", "render_prompt", "exact
            "code_reward", "reward_function", "group_advantages", "completion_rows"]
 
 
-def grpo(model: torch.nn.Module, batch: Batch, clip: float, kl_beta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def grpo(model: torch.nn.Module, batch: Batch, clip: float, kl_beta: float, logprobs: str = "trainer",
+         tis_cap: float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO's clipped surrogate (Shao et al. 2024): one row per completion, labels on its tokens only.
 
-    extras: `advantages` [m] (group-normalised rewards), `old_logps` [m, L] (the sampling policy's log-probs of
-    the same tokens, as the engine reported them), `rewards` [m] (logged), and with kl_beta > 0 `ref_logps`
-    [m, L]. Per token: -min(ratio * A, clip(ratio, 1 - clip, 1 + clip) * A) (+ kl_beta * k3 KL estimate), averaged
-    over each completion's tokens, then over completions."""
+    extras: `advantages` [m] (group-normalised rewards), `old_logps` [m, L] (the trainer's log-probs of the same
+    tokens under the weights that sampled them), `engine_logps` [m, L] (the engine's, as it reported them while
+    sampling), `rewards` [m] (logged), and with kl_beta > 0 `ref_logps` [m, L]. The ratio divides by `old_logps`
+    (logprobs="trainer") or `engine_logps` ("engine"); with `tis_cap` each token's surrogate is weighted by
+    min(exp(old - engine), tis_cap) (raysmol/post/importance.py). Per token: -min(ratio * A, clip(ratio,
+    1 - clip, 1 + clip) * A) (+ kl_beta * k3 KL estimate), averaged over each completion's tokens, then over
+    completions."""
     logp, mask = token_logps(model, batch)
-    ratio = torch.exp(logp - batch.extras["old_logps"].to(logp.dtype))
+    old, engine = (batch.extras[k].to(logp.dtype) for k in ("old_logps", "engine_logps"))
+    ratio = torch.exp(logp - (old if logprobs == "trainer" else engine))
     adv = batch.extras["advantages"].to(logp.dtype)[:, None]
     per_token = -torch.min(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv)
-    metrics = {}
+    metrics = {**ratio_stats(ratio, mask), **logp_gap(engine, old, mask)}
+    if tis_cap is not None:
+        w = tis_weight(engine, old, tis_cap)
+        per_token = per_token * w
+        metrics["tis_weight_mean"] = masked_mean(w, mask)
     if kl_beta > 0:
         d = batch.extras["ref_logps"].to(logp.dtype) - logp
         kl = torch.exp(d) - d - 1  # Schulman's k3: unbiased, always >= 0
         per_token = per_token + kl_beta * kl
-        metrics["kl"] = ((kl * mask).sum() / mask.sum().clamp(min=1)).detach()
+        metrics["kl"] = masked_mean(kl, mask).detach()
     n = mask.sum(1).clamp(min=1)
     loss = ((per_token * mask).sum(1) / n).mean()
     clipped = ((ratio - 1).abs() > clip) & mask

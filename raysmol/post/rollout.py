@@ -2,10 +2,11 @@
 
 Rank 0 of the training workers drives the engines: for step t it samples the step's prompts (n completions
 each, seeded by t), checks that every completion was made by the policy version it just pushed, scores each group
-in a Ray task, computes group-normalised advantages and broadcasts the rows; every rank trains on its share
-(whole groups). After the update all ranks gather the weights (collective under ZeRO-3), rank 0 writes them once
-and every engine loads them as version t + 1 before the next rollout. Every engine call and reward task has a
-timeout; a lost or stuck engine is replaced (serving the current weights) and the call is retried once.
+in a Ray task, computes group-normalised advantages and broadcasts the rows; every rank recomputes its share's
+(whole groups) log-probs with its own weights, the ratio's denominator, and trains on it. After the update all
+ranks gather the weights (collective under ZeRO-3), rank 0 writes them once and every engine loads them as
+version t + 1 before the next rollout. Every engine call and reward task has a timeout; a lost or stuck engine
+is replaced (serving the current weights) and the call is retried once.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch.distributed as dist
 from raysmol import storage
 from raysmol.config import Config, ConfigError
 from raysmol.data.batches import Batch
+from raysmol.model import precision
 from raysmol.model.folder import resolve_model
 from raysmol.post.base import PostTask
 from raysmol.post.grpo import (completion_rows, group_advantages, grpo, read_prompts, render_prompt,
@@ -87,20 +89,32 @@ class Rollouts(Hook):
         if rank == 0:
             box[0] = self._rollout([self._row(step * g.prompts_per_step + j) for j in range(g.prompts_per_step)], step)
         dist.broadcast_object_list(box, src=0)
-        packed, old, adv, rewards = box[0]
+        packed, engine_lps, adv, rewards = box[0]
         per_rank = len(adv) // world  # whole groups: prompts_per_step % world == 0 (config validation)
         mine = np.arange(rank * per_rank, (rank + 1) * per_rank)
         out = []
         for start in range(0, per_rank, micro):
             rows = mine[start:start + micro]
             b = packed.batch(rows)
-            b.extras = {"old_logps": torch.from_numpy(old[rows]), "advantages": torch.from_numpy(adv[rows]).float(),
+            b.extras = {"engine_logps": torch.from_numpy(engine_lps[rows]),
+                        "advantages": torch.from_numpy(adv[rows]).float(),
                         "rewards": torch.from_numpy(rewards[rows]).float()}
-            if self.ref is not None:
-                with torch.no_grad():
-                    b.extras["ref_logps"] = token_logps(self.ref, to_device(b, self.device, self.ref))[0].cpu()
             out.append(b)
-        return out
+        return self.with_logps(out)
+
+    def with_logps(self, batches: list[Batch]) -> list[Batch]:
+        """Each row's log-probs under the trainer's current weights (`old_logps`) and, with kl_beta > 0, the
+        reference's (`ref_logps`). Called before the step's update, when the trainer holds exactly the weights
+        the engines sampled with: the ratio's denominator from the trainer's own forward (the loss's path, no
+        grad), so engine/trainer numerical differences never reach it (collective under ZeRO-3: every rank has
+        the same number of micro-batches)."""
+        t0 = time.perf_counter()
+        for b in batches:
+            b.extras["old_logps"] = _logps(self.policy, b, self.device)
+            if self.ref is not None:
+                b.extras["ref_logps"] = _logps(self.ref, b, self.device)
+        self.stats["logps_s"] = time.perf_counter() - t0
+        return batches
 
     def _rollout(self, rows: list[dict], step: int):
         g, t0 = self.cfg.grpo, time.perf_counter()
@@ -165,6 +179,7 @@ class Rollouts(Hook):
 
     def after_restore(self, ctx: Context) -> None:
         """After a start, resume or rollback the engines serve the weights being trained."""
+        self.policy = ctx.engine  # what `with_logps` runs: the engine whose forward the loss takes
         self.sync(ctx.engine, ctx.model, ctx.step)
 
     def after_update(self, ctx: Context) -> None:
@@ -258,6 +273,17 @@ class Rollouts(Hook):
         self.pool.shutdown()
 
 
+@torch.no_grad()
+def _logps(model, batch: Batch, device) -> torch.Tensor:
+    return token_logps(model, to_device(batch, device, model))[0].cpu()
+
+
+def engine_dtype(cfg: Config) -> str:
+    """grpo.engine_dtype, by default the trainer's precision: engines and trainer then compute the same
+    probabilities (vLLM's own default serves a float32 checkpoint in 16 bits)."""
+    return cfg.grpo.engine_dtype or {"bf16": "bfloat16", "fp32": "float32"}[precision(cfg)]
+
+
 def _plain(row: dict) -> dict:
     return {k: v for k, v in row.items() if k != "where"}
 
@@ -290,11 +316,13 @@ class GRPO(PostTask):
             storage.upload_dir(d, start)
         pool = EnginePool(g.engine, start, num_engines=g.num_engines, version=0, timeout_s=g.rollout_timeout_s,
                           load_timeout_s=g.sync_timeout_s, cpus_per_engine=g.cpus_per_engine,
-                          gpus_per_engine=g.gpus_per_engine if cfg.train.use_gpu else 0)
+                          gpus_per_engine=g.gpus_per_engine if cfg.train.use_gpu else 0,
+                          options={"dtype": engine_dtype(cfg)})
         self.rollouts = Rollouts(cfg, pool, train, held_out, run_dir(cfg), self.init_uri)
 
     def objective(self, cfg: Config) -> Objective:
-        return partial(grpo, clip=cfg.grpo.clip, kl_beta=cfg.grpo.kl_beta)
+        g = cfg.grpo
+        return partial(grpo, clip=g.clip, kl_beta=g.kl_beta, logprobs=g.logprobs, tis_cap=g.tis_cap)
 
     def batches(self, ctx: Context) -> tuple[Rollouts, None]:
         return self.rollouts.attach(ctx.rank, ctx.world, ctx.device), None

@@ -189,7 +189,7 @@ class Window:
                 "lr": engine.get_lr()[0], "step_time": elapsed / self.steps, "tokens_per_s": tps,
                 "tokens_per_s_per_worker": tps / self.world,
                 "mfu": tps * self.tpf / (self.peak * self.world) if self.peak else None, **data,
-                **{k: _mean_across_ranks(torch.stack([e[k] for e in self.extras]).mean())
+                **{k: _across_ranks(torch.stack([e[k] for e in self.extras]), k)
                    for k in (self.extras[0] if self.extras else ())}}
 
 
@@ -342,6 +342,21 @@ def validate(engine, val, objective: Objective, cfg: Config, rank: int, world: i
     total = torch.stack([*sums.values(), torch.tensor(float(len(mine)), dtype=torch.float64, device=device)])
     dist.all_reduce(total)
     return {k: float(v / total[-1]) for k, v in zip(sums, total)}
+
+
+# An objective's metric named *_max or *_min is an extreme (GRPO's largest ratio): a mean of maxima would hide it.
+_EXTREMES = {"_max": (torch.amax, dist.ReduceOp.MAX), "_min": (torch.amin, dist.ReduceOp.MIN)}
+
+
+def _across_ranks(values: torch.Tensor, key: str) -> float:
+    """An objective's metric over the window's micro-batches and every rank: the extreme for *_max/*_min keys,
+    the mean for the rest."""
+    if key[-4:] not in _EXTREMES:
+        return _mean_across_ranks(values.mean())
+    local, op = _EXTREMES[key[-4:]]
+    x = local(values).detach().double().clone()
+    dist.all_reduce(x, op=op)
+    return float(x)
 
 
 def _mean_across_ranks(x: torch.Tensor) -> float:
