@@ -126,6 +126,13 @@ def test_ten_faults_in_one_run_lose_nothing(s3_server, tmp_path_factory):
     # The weights of the uninterrupted run, bit for bit.
     got, want = weights(run), weights(f"{bucket}/runs/reference")
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    # The uninterrupted run spread over the cluster: its two ranks on two different worker nodes (the head has no
+    # CPUs), writing one checkpoint on the bucket with both ranks' ZeRO shards.
+    ref_rows = [json.loads(x) for x in storage.read_text(f"{bucket}/runs/reference/metrics.jsonl").splitlines()]
+    (ref_start,) = [r for r in ref_rows if r.get("event") == "start"]
+    assert len(set(ref_start["nodes"])) == 2 and ref_start["world_size"] == 2, ref_start
+    shards = storage.listdir(f"{bucket}/runs/reference/checkpoints/checkpoint_{STEPS:08d}/ds")
+    assert {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)} <= set(shards), shards
     # Every checkpoint kept is whole and matches its checksums.
     kept = sorted(n for n in storage.listdir(storage.join(run, "checkpoints")) if ckpt.step_of(n) is not None)
     assert kept[-1] == f"checkpoint_{STEPS:08d}" and len(kept) >= 3
