@@ -122,3 +122,17 @@ def test_vllm_engine_agrees_with_transformers_and_follows_new_weights(ray_local,
         hot = Sampling(n=4, temperature=1.0, max_tokens=8, seed=11)
         a, b = pool.generate(["the"], hot), pool.generate(["the"], hot)
         assert [s.token_ids for s in a[0]] == [s.token_ids for s in b[0]] and len(a[0]) == 4
+
+
+def test_cpu_engines_fit_max_model_len_to_their_kv_cache():
+    from raysmol.serve.engines import EngineError, cpu_max_model_len
+
+    # SmolLM2-135M's shape: 30 layers x 3 KV heads x 64 dims x 2 (K and V) x 4 bytes = 46,080 bytes per token;
+    # its 8,192-token context needs 360 MiB, more than the default 0.25 GiB: the engine serves 5,120 tokens.
+    smol = {"num_attention_heads": 9, "num_key_value_heads": 3, "hidden_size": 576, "num_hidden_layers": 30,
+            "max_position_embeddings": 8192}
+    assert cpu_max_model_len(smol, 2**28, "float32") == int(0.9 * 2**28 / 46080) // 256 * 256 == 5120
+    assert cpu_max_model_len(smol, 2**28, "bfloat16") == 8192  # half the bytes: the whole context fits
+    assert cpu_max_model_len(smol, 2**30, "float32") == 8192
+    with pytest.raises(EngineError, match="kv_cache_gib"):
+        cpu_max_model_len(smol, 2**23, "float32")

