@@ -43,6 +43,7 @@ def test_vllm_serves_the_real_model_at_the_trainers_precision_with_the_same_gree
     questions = ["What is 2+2?", "What is the capital of France?"]
     hf = make_engine("transformers", str(smollm2))
     prompts = [render_prompt(hf.tokenizer, {"prompt": q}) for q in questions]
-    want = hf.generate(prompts, Sampling(n=1, temperature=0, max_tokens=16))
-    got = make_engine("vllm", str(smollm2), options={"dtype": "float32"}).generate(prompts, Sampling(n=1, temperature=0, max_tokens=16))
-    assert [g[0].token_ids for g in got] == [w[0].token_ids for w in want], ([g[0].text for g in got], [w[0].text for w in want])
+    greedy = Sampling(n=1, temperature=0, max_tokens=16)
+    want = hf.generate(prompts, greedy)
+    got = make_engine("vllm", str(smollm2), options={"dtype": "float32"}).generate(prompts, greedy)
+    assert [g[0].token_ids for g in got] == [w[0].token_ids for w in want], [(g[0].text, w[0].text) for g, w in zip(got, want)]
