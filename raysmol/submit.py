@@ -8,8 +8,12 @@ three things `ray job submit` does not do:
 - the auth token (`RAY_AUTH_TOKEN`, `RAY_AUTH_TOKEN_PATH` or `~/.ray/auth_token`) is sent whatever
   `RAY_AUTH_MODE` says in this shell (Ray's own client sends it only when `RAY_AUTH_MODE=token`).
 
-The entrypoint is `python -m raysmol`, not the `raysmol` script: it needs only raysmol's dependencies in the
-cluster's Python, and always runs the uploaded code (the job's working directory is first on its path).
+The entrypoint is `PYTHON -m raysmol`, not the `raysmol` script: it needs only raysmol's dependencies in the
+cluster's Python, and always runs the uploaded code (the job's working directory is first on its path). PYTHON is
+`--python`, else this interpreter when the cluster's head is this machine (a local rehearsal: the job then runs
+with the virtualenv that runs `raysmol submit`, activated or not), else `python` from the head's PATH (where the
+cluster configs install raysmol). A job's shell inherits the PATH of whoever ran `ray start`, so a bare `python`
+on a local head started as `.venv/bin/ray start` is the system's, without raysmol.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import os
 import re
 import secrets
 import shlex
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -131,10 +136,15 @@ def _human(n: int) -> str:
 
 @dataclass
 class JobSpec:
-    entrypoint: str
+    args: list[str]  # what follows `PYTHON -m raysmol`
     runtime_env: dict
     submission_id: str
     metadata: dict[str, str]
+    python: str = "python"
+
+    @property
+    def entrypoint(self) -> str:
+        return shlex.join([self.python, "-m", "raysmol", *self.args])
 
 
 def build_job(config: str, overrides: list[str], working_dir: Path, excludes: list[str]) -> tuple[JobSpec, Config]:
@@ -150,11 +160,10 @@ def build_job(config: str, overrides: list[str], working_dir: Path, excludes: li
     if not (root / "raysmol" / "__init__.py").is_file():
         # Submitting from outside a raysmol checkout: ship this raysmol too, so the cluster runs this version.
         runtime_env["py_modules"] = [str(package)]
-    entry = shlex.join(["python", "-m", "raysmol", "pretrain", rel, *overrides])
     stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
     sid = re.sub(r"[^A-Za-z0-9_-]", "-", f"raysmol-{cfg.run.name}-{stamp}")
     meta = {"raysmol_config": rel, "raysmol_run": cfg.run.name, "raysmol_overrides": " ".join(overrides)}
-    return JobSpec(entry, runtime_env, sid, meta), cfg
+    return JobSpec(["pretrain", rel, *overrides], runtime_env, sid, meta), cfg
 
 
 def _inside(path: Path, root: Path, given: str) -> str:
@@ -206,11 +215,37 @@ def connect(address: str | None) -> JobSubmissionClient:
                           f"(through an SSH tunnel: `ray dashboard cluster/aws.yaml`)")
     from ray.job_submission import JobSubmissionClient
 
+    headers = _auth_headers()
+    return _call(address, lambda: JobSubmissionClient(address, headers=headers))
+
+
+def _auth_headers() -> dict[str, str] | None:
     token = auth_token()
     # X-Ray-Authorization too: Ray reads it when a proxy in between (kubectl proxy, an API gateway) consumes
     # the Authorization header for its own authentication.
-    headers = {"Authorization": f"Bearer {token}", "X-Ray-Authorization": f"Bearer {token}"} if token else None
-    return _call(address, lambda: JobSubmissionClient(address, headers=headers))
+    return {"Authorization": f"Bearer {token}", "X-Ray-Authorization": f"Bearer {token}"} if token else None
+
+
+def head_is_here(address: str) -> bool:
+    """Whether the cluster's head node is this machine: its IP, from Ray's state API, is one this machine owns.
+
+    Asked of the cluster, not read from the URL: `ray dashboard cluster/aws.yaml` serves a remote head on
+    http://127.0.0.1:8265 through an SSH tunnel. Any doubt (an old Ray, a proxy that hides the API) means no."""
+    import json
+    import urllib.request
+
+    req = urllib.request.Request(f"{address.rstrip('/')}/api/v0/nodes?limit=1000&detail=false",
+                                 headers=_auth_headers() or {})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            nodes = json.load(r)["data"]["result"]["result"]
+        ip = next(n["node_ip"] for n in nodes if n.get("is_head_node"))
+        family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.bind((ip, 0))  # succeeds only for an address of one of this machine's interfaces
+        return True
+    except (OSError, ValueError, KeyError, TypeError, StopIteration):
+        return False
 
 
 def _call(address: str, fn):
@@ -252,6 +287,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                    help="also leave out paths matching PATTERN (gitignore syntax); repeatable")
     p.add_argument("--follow", action="store_true", help="stream the job's logs and exit with its final status")
+    p.add_argument("--python", metavar="PATH",
+                   help="the interpreter the job runs on the head (default: this one when the head is this "
+                        "machine, else `python` from the head's PATH)")
     act = p.add_mutually_exclusive_group()
     act.add_argument("--status", metavar="JOB", help="print a job's status and message")
     act.add_argument("--logs", metavar="JOB", help="print a job's logs so far")
@@ -260,7 +298,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     job = args.status or args.logs or args.stop
-    if job and (args.config or args.follow):
+    if job and (args.config or args.follow or args.python):
         raise SubmitError("give either CONFIG (to submit) or one of --status/--logs/--stop JOB, not both")
     if not job and not args.config:
         raise SubmitError("nothing to do: give CONFIG to submit, or --status/--logs/--stop JOB")
@@ -272,6 +310,13 @@ def _submit(args: argparse.Namespace) -> int:
     check_upload(scan_upload(Path(spec.runtime_env["working_dir"]), spec.runtime_env["excludes"]), upload_limit())
     client = connect(args.address)
     address = client.get_address()
+    if args.python:
+        spec.python, why = args.python, "--python"
+    elif head_is_here(address):
+        spec.python, why = sys.executable, "the head is this machine"
+    else:
+        spec.python, why = "python", "from the head's PATH; --python to choose"
+    print(f"raysmol: the job runs {spec.python} -m raysmol ({why})", file=sys.stderr)
     job_id = _call(address, lambda: client.submit_job(entrypoint=spec.entrypoint, runtime_env=spec.runtime_env,
                                                       submission_id=spec.submission_id, metadata=spec.metadata))
     print(job_id, flush=True)

@@ -4,20 +4,23 @@ with token authentication (its own RAY_TMPDIR and ports, torn down by its proces
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
+import re
 import secrets
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from localray import LOOPBACK, REPO, Head, clean_env, free_port, ray_head
+from localray import LOOPBACK, REPO, Head, clean_env, free_port, new_tmpdir, ray_head
 from ray.job_submission import JobSubmissionClient
 
 from raysmol.config import ConfigError
@@ -27,6 +30,7 @@ from raysmol.submit import (
     auth_token,
     build_job,
     check_upload,
+    head_is_here,
     scan_upload,
     upload_limit,
 )
@@ -161,6 +165,49 @@ def test_build_job_outside_a_checkout_ships_raysmol_as_a_module(tmp_path, monkey
     spec, _ = build_job("configs/tiny.yaml", [f"run.output_dir={tmp_path}"], Path("."), [])
     assert spec.runtime_env["py_modules"] == [str(REPO / "raysmol")]
     assert spec.entrypoint.startswith("python -m raysmol pretrain configs/tiny.yaml")
+
+
+def test_the_job_s_python_is_quoted_into_the_entrypoint(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    spec, _ = build_job("jobs/tiny.yaml", [f"run.output_dir={tmp_path}"], REPO, [])
+    spec.python = "/opt/my env/bin/python"
+    assert spec.entrypoint.startswith("'/opt/my env/bin/python' -m raysmol pretrain jobs/tiny.yaml")
+
+
+class _FakeStateAPI(http.server.BaseHTTPRequestHandler):
+    """Ray's state API as a dashboard (or an SSH tunnel to one) would answer `GET /api/v0/nodes`."""
+
+    head_ip: str | None = None
+
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        if self.head_ip is None or not self.path.startswith("/api/v0/nodes"):
+            self.send_error(404)
+            return
+        nodes = [{"node_ip": "10.255.0.9", "is_head_node": False}, {"node_ip": self.head_ip, "is_head_node": True}]
+        body = json.dumps({"result": True, "data": {"result": {"result": nodes}}}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("head_ip, here", [
+    (LOOPBACK, True),  # a local head
+    ("192.0.2.7", False),  # a remote head behind a tunnel on this machine's loopback (TEST-NET-1: never local)
+    (None, False),  # no state API: doubt means no
+])
+def test_head_is_here_asks_the_cluster_not_the_url(head_ip, here):
+    handler = type("Handler", (_FakeStateAPI,), {"head_ip": head_ip})
+    server = http.server.HTTPServer((LOOPBACK, 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert head_is_here(f"http://{LOOPBACK}:{server.server_port}") is here
+    finally:
+        server.shutdown()
+    assert head_is_here(refusing_address()) is False
 
 
 def test_build_job_refuses_what_would_go_wrong_on_the_cluster(tmp_path, monkeypatch):
@@ -314,3 +361,40 @@ def test_raysmol_submit_stop_then_resubmit_continues_from_the_last_checkpoint(he
     logs = run([*RAYSMOL, "submit", "--logs", again.stdout.splitlines()[0], "--address", head.dashboard],
                env=head.client_env())
     assert logs.returncode == 0 and '"steps": 24' in logs.stdout
+
+
+def readme_rehearsal() -> str:
+    """The README's local-head rehearsal: its bash block that starts a head and submits to it."""
+    blocks = re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    found = [b for b in blocks if "ray start --head" in b and "raysmol submit" in b and "127.0.0.1:8265" in b]
+    assert len(found) == 1, "README.md: expected one bash block with the local-head rehearsal"
+    return found[0]
+
+
+@pytest.mark.slow
+def test_the_readme_rehearsal_runs_as_printed(tmp_path):
+    """Issue 17: the rehearsal as printed failed unless the virtualenv was activated (the job's bare `python` was
+    the system's). Run the README's block verbatim in a copy of the checkout, with no virtualenv on PATH, a fresh
+    HOME (its own token), and its own network and process namespaces: its fixed ports and its `ray stop` then
+    touch nothing else on this machine."""
+    if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("ip"):
+        pytest.skip("needs root, unshare and ip for private network and process namespaces")
+    checkout, home = tmp_path / "checkout", tmp_path / "home"
+    shutil.copytree(REPO / "raysmol", checkout / "raysmol", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "jobs", checkout / "jobs")
+    (checkout / ".venv").symlink_to(REPO / ".venv")
+    home.mkdir()
+    env = {"HOME": str(home), "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+           "LANG": "C.UTF-8", "RAY_TMPDIR": str(new_tmpdir())}  # short, private: Ray's sockets live under it
+    script = "ip link set lo up\n" + readme_rehearsal()
+    out = subprocess.run(["unshare", "--net", "--pid", "--fork", "--mount-proc", "bash", "-euo", "pipefail", "-c",
+                          script], cwd=checkout, env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S + 120)
+    said = out.stdout[-3000:] + out.stderr[-3000:]
+    assert out.returncode == 0, said
+    assert re.search(r"raysmol: job \S+ SUCCEEDED", out.stderr), said
+    assert re.search(r"raysmol: the job runs \S+/\.venv/bin/python\S* -m raysmol \(the head is this machine\)",
+                     out.stderr), said
+    steps = int(re.search(r"train\.steps=(\d+)", readme_rehearsal()).group(1))
+    summary = json.loads((checkout / "runs" / "tiny" / "summary.json").read_text())
+    assert summary["steps"] == steps
+    assert (checkout / "runs" / "tiny" / "hf" / "model.safetensors").stat().st_size > 0
