@@ -119,6 +119,9 @@ def main(argv: list[str] | None = None) -> None:
     post_merge.add_parser(sub)
     ledger.add_parser(sub)
     signal.add_parser(sub)
+    from raysmol import vibes
+
+    vibes.add_parsers(sub)
     p = sub.add_parser("submit", help="run CONFIG on a Ray cluster as a job; or --status/--logs/--stop JOB")
     submit.add_arguments(p)
     p.set_defaults(fn=submit.main)
@@ -128,12 +131,13 @@ def main(argv: list[str] | None = None) -> None:
     from raysmol.data.tokenizer import TokenizerError
     from raysmol.eval.freeform import FreeformError
     from raysmol.eval.sandbox import SandboxUnavailable
+    from raysmol.model.folder import ModelFolderError
     from raysmol.post.chat import ChatError
     from raysmol.serve.engines import EngineError
 
     try:
         sys.exit(args.fn(args))
     except (ConfigError, DataError, TokenizerError, submit.SubmitError, FreeformError, SandboxUnavailable,
-            EngineError, ChatError, train_export.ExportError) as e:
+            EngineError, ChatError, train_export.ExportError, ModelFolderError) as e:
         print(f"raysmol: error: {e}", file=sys.stderr)
         sys.exit(2)

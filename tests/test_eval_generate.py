@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from raysmol.eval.freeform import FreeformError, score_predictions
-from raysmol.eval.generate import evaluate_freeform, gsm8k_prompts
+from raysmol.eval.generate import code_completion, evaluate_freeform, gsm8k_prompts, use_chat
 
 GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
 
@@ -21,6 +21,30 @@ def test_gsm8k_prompts_are_k_shot_from_train():
     assert prompts[1] == (f"Question: {train[0]['question']}\nAnswer: {train[0]['answer']}\n\n"
                           f"Question: {train[1]['question']}\nAnswer: {train[1]['answer']}\n\n"
                           f"Question: {test[1]['question']}\nAnswer:")
+
+
+def test_a_chat_reply_s_code_block_completes_the_humaneval_prompt():
+    from types import SimpleNamespace
+
+    from raysmol.eval.freeform import humaneval_problems, humaneval_program
+
+    problem = humaneval_problems()["HumanEval/0"]
+    whole = problem["prompt"] + problem["canonical_solution"]
+    for reply in (f"Sure, here it is:\n```python\n{whole}```\nIt compares every pair.",
+                  f"```py\n{whole}",  # cut off before the closing fence
+                  whole):  # no fence at all
+        program = humaneval_program(problem, code_completion(reply))
+        scope: dict = {}
+        exec(compile(program, "humaneval", "exec"), scope)  # the canonical solution: raises if the check fails
+    wrong = humaneval_program(problem, code_completion("```python\ndef has_close_elements(numbers, threshold):\n"
+                                                        "    return False\n```"))
+    with pytest.raises(AssertionError):
+        exec(compile(wrong, "humaneval", "exec"), {})  # the redefinition is what runs, not the prompt's stub
+    plain, chat = SimpleNamespace(chat_template=None), SimpleNamespace(chat_template="{{ messages }}")
+    assert use_chat(plain, None, "m") is False and use_chat(chat, None, "m") is True
+    assert use_chat(chat, False, "m") is False
+    with pytest.raises(FreeformError, match="m: --chat needs a chat template"):
+        use_chat(plain, True, "m")
 
 
 def test_checkpoint_is_generated_scored_and_recorded(ray_local, hf_models, tmp_path):

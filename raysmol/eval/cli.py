@@ -45,6 +45,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=1, help="freeform: samples per problem (pass@k needs k)")
     p.add_argument("--max-tokens", type=int, default=None, help="freeform: tokens per sample")
     p.add_argument("--shots", type=int, default=5, help="GSM8K: worked examples in the prompt (default 5)")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="freeform: prompts as a conversation in the model's chat template (default: when it has "
+                        "one); --no-chat: base-model text prompts")
     p.add_argument("--timeout", type=float, default=1800, help="freeform: seconds per engine call (default 1800)")
     p.set_defaults(fn=run)
     return p
@@ -153,11 +156,18 @@ def exports_plot(curves: dict[str, list[dict[str, Any]]], out: str) -> str:
 
 def _freeform(args, folder, given: str) -> tuple[str, dict[str, Any]]:
     from raysmol import nodes
-    from raysmol.eval.generate import evaluate_freeform
+    from raysmol.eval.generate import evaluate_freeform, use_chat
     from raysmol.runtime import init_ray
     from raysmol.serve.pool import EnginePool
 
+    from transformers import AutoTokenizer
+
     name = cf.model_identity(folder)["name"]
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    chat = use_chat(tokenizer, args.chat, given)
+    why = {True: "--chat", False: "--no-chat", None: f"the model has {'a' if chat else 'no'} chat template"}[args.chat]
+    print(f"raysmol eval: {args.task} prompts {'in its chat template' if chat else 'as plain text'} ({why})",
+          file=sys.stderr)
     init_ray()
     # The engines may start on any node: a model on object storage goes to them as its URI (each node fetches
     # its own copy); a local one must be visible there.
@@ -171,7 +181,7 @@ def _freeform(args, folder, given: str) -> tuple[str, dict[str, Any]]:
         res = evaluate_freeform(pool, args.task, storage.join(args.out, name, "freeform"), limit=args.limit,
                                 samples=args.samples, max_tokens=args.max_tokens, shots=args.shots,
                                 reference=args.reference, workers=args.workers,
-                                allow_unsandboxed=args.allow_unsandboxed)
+                                allow_unsandboxed=args.allow_unsandboxed, tokenizer=tokenizer if chat else None)
     return name, res
 
 

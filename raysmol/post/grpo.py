@@ -16,6 +16,7 @@ import torch
 from raysmol.data.batches import Batch
 from raysmol.post.chat import ChatError, Packed, builtin_conversations, fill
 from raysmol.post.importance import logp_gap, masked_mean, ratio_stats, tis_weight
+from raysmol.serve.prompts import chat_prompt
 from raysmol.train.objectives import token_logps
 
 REWARDS = ("exact", "math", "code")
@@ -61,7 +62,7 @@ def prompt_messages(row: dict) -> list[dict]:
 
 def render_prompt(tokenizer, row: dict) -> str:
     """The prompt as the policy sees it: its chat template up to the assistant header."""
-    return tokenizer.apply_chat_template(prompt_messages(row), tokenize=False, add_generation_prompt=True)
+    return chat_prompt(tokenizer, prompt_messages(row))
 
 
 # ---------------------------------------------------------------- rewards
