@@ -416,6 +416,11 @@ class TrainConfig:
     export_every: int = 0
     """A Hugging Face folder (weights and tokenizer) every N steps at <run_dir>/exports/step_<step, 8 digits>/, in
     addition to the final hf/ (the last step gets one too when it is a multiple). Any N >= 1; 0: off."""
+    sample_prompts: str | None = None
+    """A prompts file (local or a URI; .jsonl with "prompt", or one prompt per line) read when the run starts: at
+    every export (needs export_every) rank 0 writes greedy completions of them, through the chat template where the
+    tokenizer has one, to <run_dir>/samples/step_<step, 8 digits>.jsonl. None: off."""
+    sample_max_tokens: int = 64
     eval_every: int = 0
     """Validation loss every N steps (0 = only before the first and after the last step)."""
     eval_batches: int = 4
@@ -491,6 +496,9 @@ class TrainConfig:
              f"{self.keep_every} is not a multiple of train.checkpoint_every={self.checkpoint_every}: only saved steps "
              f"can be kept (e.g. {self.checkpoint_every * max(1, round(self.keep_every / self.checkpoint_every))})")
         need(self.export_every >= 0, "export_every", f"must be >= 0 (0: off), got {self.export_every}")
+        need(self.sample_max_tokens > 0, "sample_max_tokens", f"must be positive, got {self.sample_max_tokens}")
+        need(not self.sample_prompts or self.export_every > 0, "sample_prompts",
+             "completions are written at every export: set train.export_every too (e.g. train.export_every=100)")
         need(self.eval_suite_samples > 0, "eval_suite_samples", f"must be positive, got {self.eval_suite_samples}")
         need(self.eval_suite is None or os.path.isfile(self.eval_suite), "eval_suite",
              f"no such suite file {self.eval_suite!r} (e.g. eval/suites/tiny.yaml)")

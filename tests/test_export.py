@@ -59,6 +59,8 @@ def test_keep_and_export_every_are_checked(small_data, tmp_path):
         small_config(tmp_path, small_data, {"train.keep_every": 5})
     with pytest.raises(ConfigError, match=r"train\.export_every: must be >= 0"):
         small_config(tmp_path, small_data, {"train.export_every": -1})
+    with pytest.raises(ConfigError, match=r"train\.sample_prompts: completions are written at every export"):
+        small_config(tmp_path, small_data, {"train.sample_prompts": "prompts.txt"})
     cfg = small_config(tmp_path, small_data, {"train.keep_every": 6, "train.export_every": 5})
     assert (cfg.train.keep_every, cfg.train.export_every) == (6, 5)
 
@@ -214,8 +216,11 @@ def z3_run(ray_local, small_data, tmp_path_factory):
     from raysmol.recipes import pretrain
 
     tmp = tmp_path_factory.mktemp("export")
+    (tmp / "prompts.txt").write_text("def add(a, b):\nThe answer is\n")
     cfg = small_config(tmp, small_data, {"train.zero_stage": 3, "train.checkpoint_every": 2,
-                                         "train.keep_checkpoints": 1, "train.keep_every": 4, "train.export_every": 4})
+                                         "train.keep_checkpoints": 1, "train.keep_every": 4, "train.export_every": 4,
+                                         "train.sample_prompts": str(tmp / "prompts.txt"),
+                                         "train.sample_max_tokens": 8})
     return cfg, pretrain(cfg, show_progress=False), tmp / "runs" / "t"
 
 
@@ -240,6 +245,24 @@ def test_kept_checkpoint_survives_and_exports_land_at_their_steps(z3_run):
     ids = torch.arange(12).unsqueeze(0)
     with torch.no_grad():  # an earlier model than the final one
         assert not torch.allclose(model(input_ids=ids).logits, final(input_ids=ids).logits)
+
+
+def test_each_export_gets_completions_of_the_runs_fixed_prompts(z3_run):
+    """train.sample_prompts: a vibe check beside every export, made from that export (ZeRO-3: rank 0 alone
+    generates from the folder it wrote, the other rank waits)."""
+    from raysmol.serve.engines import Sampling, make_engine
+
+    _, _, run = z3_run
+    assert [p.name for p in (run / "samples").iterdir()] == ["step_00000004.jsonl"]
+    rows = [json.loads(x) for x in (run / "samples" / "step_00000004.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["def add(a, b):", "The answer is"]
+    assert all(r["step"] == 4 and r["version"] == 4 and r["prompt_format"] == "completion" for r in rows)
+    engine = make_engine("transformers", str(run / "exports" / "step_00000004"))
+    again = engine.generate([r["prompt"] for r in rows], Sampling(max_tokens=8))
+    assert [r["completions"] for r in rows] == [[s.text for s in g] for g in again]  # that export's greedy text
+    events = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(e["step"], e["path"]) for e in events if e.get("event") == "samples"] == \
+        [(4, str(run / "samples" / "step_00000004.jsonl"))]
 
 
 def test_raysmol_export_equals_the_runs_own_exports(z3_run, tmp_path, s3_server):

@@ -134,7 +134,7 @@ def test_sample_and_chat_talk_to_the_instruct_model(smollm2, tmp_path, capsys, m
 
 def test_sample_refuses_bad_prompt_files_by_line(tmp_path):
     from raysmol.serve.engines import EngineError
-    from raysmol.vibes import read_prompts
+    from raysmol.serve.prompts import read_prompts
 
     bad = tmp_path / "p.jsonl"
     bad.write_text('{"prompt": "ok"}\n{"prompt": 3}\n')

@@ -12,6 +12,7 @@ order one step meets them:
     metrics          a logging point: what to add to rank 0's row
     evaluate         a validation point: scores to add to the row (every rank takes part: ZeRO-3 forwards)
     before_checkpoint, during_save, after_checkpoint     around each checkpoint of `ctx.step`
+    after_export     rank 0 has written the export of `ctx.step` at `ctx.export_dir` (train.export_every)
 
 `state_dict`/`load_state_dict`: state saved in the checkpoint's state.json under `hooks.<name>` and given back
 on resume, so a hook's memory survives restarts the way the weights do.
@@ -39,6 +40,7 @@ class Context:
     engine: Any = None  # the DeepSpeed engine, once it exists
     model: Any = None  # the transformers model inside it
     loss_scale: float | None = None
+    export_dir: str | None = None  # the newest export's folder (after_export)
 
 
 class Hook:
@@ -65,6 +67,8 @@ class Hook:
     def during_save(self, ctx: Context) -> None: ...
 
     def after_checkpoint(self, ctx: Context) -> None: ...
+
+    def after_export(self, ctx: Context) -> None: ...
 
     def state_dict(self) -> dict[str, Any] | None:
         return None

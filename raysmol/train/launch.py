@@ -20,6 +20,7 @@ from raysmol.train import export
 from raysmol.train import resume_check
 from raysmol.train.hooks import Hook
 from raysmol.train.loop import train_func
+from raysmol.train.samples import ExportSamples
 from raysmol.train.task import Task
 
 
@@ -57,6 +58,7 @@ def train(cfg: Config, task: Task, hooks: list[Hook] | tuple[Hook, ...] = (), *,
     # of the run it continues unless the config says so (raysmol/train/resume_check.py).
     try:
         resumed = resume_check.check(cfg, rd)
+        hooks = [*hooks, *ExportSamples.for_config(cfg)]  # reads train.sample_prompts here, on the driver
     except BaseException:
         task.close()  # what prepare started (GRPO's engine actors)
         raise

@@ -149,7 +149,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
             _save_and_report(engine, ctx, plan, hooks)
             window.reset()  # checkpoint time is not step time
         if t.export_due(step):
-            _export_step(engine, model, ctx)
+            _export_step(engine, model, ctx, hooks)
             window.reset()
     sd = ckpt.full_state_dict(engine)
     if rank == 0:
@@ -434,11 +434,16 @@ def _export(model, state_dict, hf_uri: str, tokenizer_uri: str | None = None) ->
     export.write(model, state_dict, hf_uri, tokenizer_uri)
 
 
-def _export_step(engine, model, ctx: Context) -> None:
+def _export_step(engine, model, ctx: Context, hooks: Hooks) -> None:
     """exports/step_<step>/ (train.export_every): every rank calls this (the ZeRO-3 gather is collective). The
     tokenizer comes from <run_dir>/tokenizer/, which the driver wrote: workers may not see the driver's disk."""
     sd = ckpt.full_state_dict(engine)
+    ctx.export_dir = export.export_dir(ctx.run_dir, ctx.step)
     if ctx.rank == 0:
-        uri = export.export_dir(ctx.run_dir, ctx.step)
-        _export(model, sd, uri, storage.join(ctx.run_dir, export.TOKENIZER_DIR))
-        ctx.log({"step": ctx.step, "event": "export", "path": uri})
+        _export(model, sd, ctx.export_dir, storage.join(ctx.run_dir, export.TOKENIZER_DIR))
+        ctx.log({"step": ctx.step, "event": "export", "path": ctx.export_dir})
+    del sd
+    hooks.call("after_export", ctx)
+    # The other ranks wait here, inside this step's (export-sized) watchdog bound, not in the next step's
+    # collective while rank 0's hooks work.
+    dist.barrier()

@@ -20,7 +20,8 @@ Harmless (allowed, logged and recorded in summary.json's `resume`):
                                 and any schedule still warming up continue exactly as a fresh run of the new
                                 length would.
   train.eval_every, eval_batches, eval_suite, eval_suite_samples, log_every, checkpoint_every, keep_checkpoints,
-  keep_every, export_every      what is measured, kept and exported, not what is trained
+  keep_every, export_every, sample_prompts, sample_max_tokens
+                                what is measured, kept and exported, not what is trained
   train.num_workers, min_workers, micro_batch_size
                                 the global batch (global_batch_tokens) and the sample order do not depend on them:
                                 gradient accumulation makes up the rest, and a checkpoint from another world size
@@ -67,6 +68,7 @@ NEVER_COMPARED = ("run.name", "run.output_dir", "train.allow_changes")
 HARMLESS = (
     "train.eval_every", "train.eval_batches", "train.eval_suite", "train.eval_suite_samples", "train.log_every",
     "train.checkpoint_every", "train.keep_checkpoints", "train.keep_every", "train.export_every",
+    "train.sample_prompts", "train.sample_max_tokens",
     "train.num_workers", "train.min_workers", "train.micro_batch_size", "train.elastic_resize_interval_s",
     "train.max_failures", "train.cpu_threads_per_worker", "train.peak_flops",
     "train.activation_checkpointing", "train.compile", "train.liger", "model.attn_implementation",
