@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from raysmol import submit
@@ -81,13 +82,25 @@ def cmd_prepare(args) -> int:
 def cmd_train(args) -> int:
     """pretrain, sft, dpo, grpo: the verb picks the task (raysmol/recipes.py)."""
     from raysmol.recipes import run
+    from raysmol.rundir import format_summary, run_dir
 
-    print(json.dumps(run(args.verb, load_config(*_split(args))), indent=1))
+    cfg = load_config(*_split(args))
+    summary = run(args.verb, cfg)
+    print(json.dumps(summary, indent=1) if args.json else format_summary(summary, run_dir(cfg)))
     return 0
 
 
 def main(argv: list[str] | None = None) -> None:
+    from raysmol.runtime import VERBOSE_ENV, verbose
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--verbose" in argv:  # anywhere on the line, for every verb; jobs and workers inherit it
+        argv.remove("--verbose")
+        os.environ[VERBOSE_ENV] = "1"
     parser = argparse.ArgumentParser(prog="raysmol", description="Train small LLMs on Ray (Smol Training Playbook).")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Ray's, DeepSpeed's, vLLM's and torch's output and workers' logs on the console "
+                             "(by default they go to <run dir>/logs)")
     sub = parser.add_subparsers(dest="verb", required=True)
     p = sub.add_parser("config", help="print the resolved config, parameter count and FLOPs per token; runs nothing")
     _config_args(p, optional=True)
@@ -98,6 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(fn=cmd_prepare)
     p = sub.add_parser("pretrain", help="pretrain on Ray Train + DeepSpeed (default: the embedded tiny job)")
     _config_args(p, optional=True)
+    p.add_argument("--json", action="store_true", help="print the whole summary as JSON (default: a table)")
     p.set_defaults(fn=cmd_train)
     for verb, what in (("sft", "supervised fine-tuning on chat data (sft.data) from a base model (sft.init_from): "
                                 "assistant-only loss, whole conversations packed"),
@@ -107,6 +121,7 @@ def main(argv: list[str] | None = None) -> None:
                                 "the policy learns from group-normalised advantages; weights synced every step")):
         p = sub.add_parser(verb, help=what)
         _config_args(p, optional=False)
+        p.add_argument("--json", action="store_true", help="print the whole summary as JSON (default: a table)")
         p.set_defaults(fn=cmd_train)
     eval_cli.add_parser(sub)
     train_export.add_parser(sub)
@@ -126,7 +141,10 @@ def main(argv: list[str] | None = None) -> None:
     submit.add_arguments(p)
     p.set_defaults(fn=submit.main)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Quiet by default: other libraries' warnings and up; raysmol's own notes (data prepared, ...) at INFO.
+    logging.basicConfig(level=logging.INFO if verbose() else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("raysmol").setLevel(logging.INFO)
     from raysmol.data.prepare import DataError
     from raysmol.data.tokenizer import TokenizerError
     from raysmol.eval.freeform import FreeformError

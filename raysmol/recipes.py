@@ -46,7 +46,7 @@ def run(verb: str, cfg: Config, *, show_progress: bool = True,
         on_rows: Callable[[list[dict[str, Any]]], None] | None = None) -> dict[str, Any]:
     """Prepare and train `raysmol VERB`'s task on `cfg`; returns the summary (also in the run's summary.json)."""
     from raysmol import nodes, storage
-    from raysmol.runtime import init_ray
+    from raysmol.runtime import init_ray, say
     from raysmol.train import launch
 
     task = task_for(verb, cfg)
@@ -57,6 +57,7 @@ def run(verb: str, cfg: Config, *, show_progress: bool = True,
         if key in shared and not storage.is_remote(shared[key]):
             os.makedirs(os.path.expanduser(shared[key]), exist_ok=True)
     nodes.require_shared(shared, "the training workers read and write them")
+    say(f"preparing: {verb} data and model for run {cfg.run.name!r}")
     task.prepare(cfg, show_progress=show_progress)
     return launch.train(cfg, task, training_hooks(cfg, task), show_progress=show_progress, on_rows=on_rows)
 

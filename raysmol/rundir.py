@@ -135,3 +135,26 @@ def _lost_node(before: dict, start: dict) -> str:
 def _hung(h: dict) -> str:
     return (f"rank {h['rank']} hung at step {h['step']} ({h['window']} window): no progress for {h['stuck_s']} s (bound "
             f"{h['bound_s']} s), stuck in {h['where']}")
+
+
+def format_summary(summary: dict[str, Any], run_dir: str | None = None) -> str:
+    """The console's closing table for a training run; summary.json holds everything."""
+    def num(x, fmt=".3f"):
+        return "-" if x is None else format(x, fmt)
+
+    lines = [f"run {summary['run']}: {summary['steps']:,} steps, {summary['tokens']:,} tokens in "
+             f"{summary['wall_time_s'] / 60:.1f} min"]
+    rows = [("loss", f"{num(summary.get('first_loss'))} -> {num(summary.get('last_loss'))}")]
+    iv, fv = summary.get("initial_val_loss"), summary.get("final_val_loss")
+    if iv is not None and fv is not None:
+        rows.append(("val loss", f"{num(iv)} -> {num(fv)} ({(fv - iv) / iv:+.0%})"))
+    recovery = summary.get("recovery") or []
+    rows.append(("recovered", f"{len(recovery)} restart(s), last: {recovery[-1]['failure']}" if recovery else "none"))
+    if summary.get("events"):
+        rows.append(("guard", f"{len(summary['events'])} spike/rollback event(s)"))
+    rows += [("checkpoint", summary.get("checkpoint") or "-"), ("export", summary.get("export") or "-")]
+    if run_dir:
+        rows += [("details", storage.join(run_dir, "summary.json")),
+                 ("metrics", f"{storage.join(run_dir, 'metrics.jsonl')}, plots/"),
+                 ("logs", storage.join(run_dir, "logs"))]
+    return "\n".join([lines[0], *(f"  {k:<11} {v}" for k, v in rows)])

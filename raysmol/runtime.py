@@ -2,17 +2,42 @@
 
 from __future__ import annotations
 
+import logging
 import os
+
+VERBOSE_ENV = "RAYSMOL_VERBOSE"  # `raysmol --verbose` sets it; jobs and subprocesses inherit it
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
+
+def say(message: str) -> None:
+    """One line on the console for a stage of the work (preparing, training, exporting, evaluating)."""
+    import sys
+
+    print(f"raysmol: {message}", file=sys.stderr, flush=True)
 
 
 def init_ray(num_cpus: int | None = None) -> None:
-    """Join the cluster in RAY_ADDRESS (as under `ray job submit`), else start a local one."""
+    """Join the cluster in RAY_ADDRESS (as under `ray job submit`), else start a local one.
+
+    Quiet unless verbose: workers' output stays out of the console (the run collects it into <run_dir>/logs,
+    raysmol/train/worker_logs.py), Ray's own driver messages below errors and Ray Data's progress bars are off."""
     import ray
 
     if ray.is_initialized():
         return
+    loud = verbose()
+    kw = {"log_to_driver": loud, "logging_level": logging.INFO if loud else logging.ERROR}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
+        ray.init(**kw)
     else:
         # Logical CPUs may exceed physical cores: each worker pins torch to cpu_threads_per_worker threads.
-        ray.init(address="local", num_cpus=num_cpus or max(4, os.cpu_count() or 1), log_to_driver=True)
+        ray.init(address="local", num_cpus=num_cpus or max(4, os.cpu_count() or 1), **kw)
+    if not loud:
+        from ray.data import DataContext
+
+        ctx = DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 
 from raysmol import storage
 from raysmol.config import Config, load_config
+from raysmol.runtime import VERBOSE_ENV, verbose
 
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
@@ -156,6 +157,8 @@ def build_job(config: str, overrides: list[str], working_dir: Path, excludes: li
     rel = _inside(Path(config).resolve(), root, config)
     _check_output_dir(cfg)
     runtime_env: dict = {"working_dir": str(root), "excludes": list(excludes)}
+    if verbose():  # `raysmol --verbose submit ...`: the job's console shows everything too
+        runtime_env["env_vars"] = {VERBOSE_ENV: "1"}
     package = Path(__file__).resolve().parent
     if not (root / "raysmol" / "__init__.py").is_file():
         # Submitting from outside a raysmol checkout: ship this raysmol too, so the cluster runs this version.

@@ -79,8 +79,12 @@ def test_the_installed_package_prints_the_default_job_from_another_folder(instal
 def test_the_installed_package_pretrains_the_default_job_from_another_folder(installed):
     python, work, env = installed
     started = time.monotonic()
-    run([python.parent / "raysmol", "pretrain", "train.steps=4", "train.checkpoint_every=2", "optim.warmup_steps=1",
-         f"run.output_dir={work / 'runs'}", f"data.cache_dir={work / 'cache'}"], work, env, timeout=900)
+    out = run([python.parent / "raysmol", "pretrain", "train.steps=4", "train.checkpoint_every=2",
+               "optim.warmup_steps=1", f"run.output_dir={work / 'runs'}", f"data.cache_dir={work / 'cache'}",
+               "--verbose"], work, env, timeout=900)
     print(f"pretrain took {time.monotonic() - started:.0f} s")
+    # --verbose: the workers' output reaches the console too (quiet by default: tests/test_cli.py)
+    said = out.stdout + out.stderr
+    assert "(RayTrainWorker pid=" in said and "Setting up process group" in said, said[-3000:]
     summary = json.loads((work / "runs" / "tiny" / "summary.json").read_text())
     assert summary["steps"] == 4

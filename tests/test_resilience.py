@@ -254,12 +254,16 @@ def test_rollbacks_are_bounded(ray_local, small_data, tmp_path):
                                    "train.max_failures": 0})
 
 
-def test_a_new_world_size_resumes_on_the_same_loss_curve(reference, small_data, tmp_path):
+def test_a_new_world_size_resumes_on_the_same_loss_curve(reference, small_data, tmp_path, capsys):
     """Checkpoint at one world size, resume at another, both ways (2 -> 1 -> 2 workers): ZeRO-2 state resharded
     through DeepSpeed's universal checkpoint, gradient accumulation adjusted so the global batch and the sample
     order stay the same."""
     with pytest.raises(Exception, match="fault drill"):  # checkpoint 2 written by 2 workers
         run(tmp_path, small_data, {"train.num_workers": 2, "faults.crash_at_step": 3, "train.max_failures": 0})
+    # A failed run says where its processes' logs are; the crashed worker's traceback is there.
+    logs = tmp_path / "runs" / "t" / "logs"
+    assert f"raysmol: the run failed; its processes' logs are in {logs}" in capsys.readouterr().err
+    assert "fault drill" in "".join(p.read_text() for p in logs.glob("RayTrainWorker-*.err"))
     with pytest.raises(Exception, match="fault drill"):  # resumed by 1 worker, which writes checkpoint 4
         run(tmp_path, small_data, {"train.num_workers": 1, "faults.crash_at_step": 5, "train.max_failures": 0})
     summary, path = run(tmp_path, small_data, {"train.num_workers": 2})  # resumed by 2 workers again

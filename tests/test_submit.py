@@ -360,7 +360,7 @@ def test_raysmol_submit_stop_then_resubmit_continues_from_the_last_checkpoint(he
     assert not any(r.get("step") == 0 for r in rows)  # ... it never started over
     logs = run([*RAYSMOL, "submit", "--logs", again.stdout.splitlines()[0], "--address", head.dashboard],
                env=head.client_env())
-    assert logs.returncode == 0 and '"steps": 24' in logs.stdout
+    assert logs.returncode == 0 and "run resume: 24 steps" in logs.stdout
 
 
 def readme_rehearsal() -> str:

@@ -14,10 +14,10 @@ from raysmol import ledger, storage
 from raysmol.config import Config
 from raysmol.model import flops_per_token, param_count
 from raysmol.rundir import MetricsFile, plot_loss, recovery_report, run_dir
-from raysmol.runtime import init_ray
+from raysmol.runtime import init_ray, say
 from raysmol.train import checkpoint as ckpt
 from raysmol.train import export
-from raysmol.train import resume_check
+from raysmol.train import resume_check, worker_logs
 from raysmol.train.hooks import Hook
 from raysmol.train.loop import train_func
 from raysmol.train.samples import ExportSamples
@@ -92,10 +92,17 @@ def train(cfg: Config, task: Task, hooks: list[Hook] | tuple[Hook, ...] = (), *,
     # A driver starting on a run directory with rows already in it is a re-submission: the recovery report tells
     # it apart from a worker lost mid-run.
     metrics.add([{"event": "submit", "time": started, "resumed": resumed is not None}])
+    say(f"training: {t.steps} steps on {_workers(t)} worker(s), run directory {rd}")
     try:
         result = _fit_with_progress(trainer, progress, metrics, t.steps, show_progress, on_rows, task.verb)
-    finally:
+    except BaseException:
         task.close()
+        logs = worker_logs.collect(rd)
+        if logs:
+            say(f"the run failed; its processes' logs are in {logs}")
+        raise
+    task.close()
+    worker_logs.collect(rd)
     wall = time.time() - started
 
     # The tokenizer files beside the weights rank 0 exported, and only those: a tokenizer taken from a model
