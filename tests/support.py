@@ -241,6 +241,7 @@ def mlflow_scalars(uri: str, run_id: str) -> dict[str, dict[int, float]]:
     """Metric histories of an MLflow run by key and step, through MLflow's client (no step twice)."""
     from mlflow import MlflowClient
 
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # as raysmol's trackers do for a file store
     client = MlflowClient(uri)
     out = {}
     for key in client.get_run(run_id).data.metrics:
