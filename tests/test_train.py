@@ -158,3 +158,10 @@ def test_object_storage_run_directory(ray_local, small_data, tmp_path, s3_server
     # ~100 tokens of the 0.1 source were drawn from a stream of a few dozen: it wrapped, and the run says so.
     assert summary["data"]["math"]["wrapped"] and summary["data"]["math"]["epochs"] > 1
     assert not summary["data"]["prose"]["wrapped"]
+    # TensorBoard's event files, written on the rank-0 worker's disk, reached the bucket (at checkpoints and the end).
+    events = [n for n in storage.listdir(run) if n.startswith("events.out.tfevents.")]
+    assert events
+    for name in events:
+        (local / "tb" / name).parent.mkdir(parents=True, exist_ok=True)
+        (local / "tb" / name).write_bytes(storage.read_bytes(storage.join(run, name)))
+    assert_same_scalars(tensorboard_scalars(local / "tb"), expected_scalars(rows), "tensorboard")
