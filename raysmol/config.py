@@ -51,6 +51,19 @@ class RunSection:
     category: Literal["main", "ablation", "evaluation", "debugging"] = "main"
     """What the compute-ledger books this run under (raysmol/ledger.py); time lost to restarts is always
     debugging."""
+    trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = field(default_factory=lambda: ["tensorboard"])
+    """Experiment trackers that mirror every metrics row rank 0 logs (raysmol/train/trackers.py): tensorboard
+    (event files in the run directory), mlflow, wandb (pip install 'raysmol[tracking]' for the last two). []: none."""
+    mlflow_uri: str = ""
+    """MLflow tracking URI (http://host:5000, file:///path/mlruns, databricks, ...). Empty: a file store at
+    <output_dir>/mlruns, shared by the runs beside this one (a sweep's trials share one)."""
+    project: str = "raysmol"
+    """The MLflow experiment and W&B project the run is tracked under (its run name: run.name)."""
+
+    def check(self, need: Need) -> None:
+        dup = sorted({t for t in self.trackers if self.trackers.count(t) > 1})
+        need(not dup, "trackers", f"{', '.join(dup)} listed twice")
+        need(bool(self.project), "project", "must not be empty")
 
 
 @dataclass

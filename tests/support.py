@@ -203,3 +203,106 @@ def make_hf_model(folder: Path, small_data: dict[str, Path], seed: int, cache: P
     transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
     transformers.AutoTokenizer.from_pretrained(tok.hf_dir).save_pretrained(folder)
     return folder
+
+
+# ------------------------------------------------------------------ experiment trackers, read back by their own readers
+
+
+def expected_scalars(rows: list[dict]) -> dict[str, dict[int, float]]:
+    """What a tracker should hold for metrics.jsonl's rows: every number of every non-event row by key and step
+    (a step logged twice, by an attempt and its resume: the later row)."""
+    from raysmol.train.trackers import scalars
+
+    out: dict[str, dict[int, float]] = {}
+    for r in rows:
+        if "event" not in r and "step" in r:
+            for k, v in scalars(r).items():
+                out.setdefault(k, {})[r["step"]] = v
+    return out
+
+
+def tensorboard_scalars(logdir) -> dict[str, dict[int, float]]:
+    """Scalars by tag and step, read with TensorBoard's own EventAccumulator (purges included); also checks
+    that no tag has a step twice."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
+    acc.Reload()
+    out = {}
+    for tag in acc.Tags()["scalars"]:
+        events = acc.Scalars(tag)
+        steps = [e.step for e in events]
+        assert len(steps) == len(set(steps)), f"TensorBoard tag {tag}: a step twice: {steps}"
+        out[tag] = {e.step: e.value for e in events}
+    return out
+
+
+def mlflow_scalars(uri: str, run_id: str) -> dict[str, dict[int, float]]:
+    """Metric histories of an MLflow run by key and step, through MLflow's client (no step twice)."""
+    from mlflow import MlflowClient
+
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # as raysmol's trackers do for a file store
+    client = MlflowClient(uri)
+    out = {}
+    for key in client.get_run(run_id).data.metrics:
+        hist = client.get_metric_history(run_id, key)
+        steps = [m.step for m in hist]
+        assert len(steps) == len(set(steps)), f"MLflow metric {key}: a step twice: {sorted(steps)}"
+        out[key] = {m.step: m.value for m in hist}
+    return out
+
+
+def wandb_records(path) -> list:
+    """The protobuf records of a W&B run file (run-<id>.wandb): a W&B header, then LevelDB-log style blocks of
+    32 KiB holding chunks with a 7-byte header (crc32, length, type: full, first, middle, last)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, block = Path(path).read_bytes(), 32768
+    assert data[:4] == b":W&B", f"{path}: not a W&B run file"
+    pos, buf, out = 7, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # the block's tail is padding
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        if kind == 0:
+            break
+        buf += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            rec = pb.Record()
+            rec.ParseFromString(buf)
+            out.append(rec)
+            buf = b""
+    return out
+
+
+def wandb_scalars(wandb_dir, run_id: str) -> dict[str, dict[int, float]]:
+    """History of every offline W&B run file of `run_id` under `wandb_dir` (one per attempt, oldest first) by key
+    and step (no step twice)."""
+    out: dict[str, dict[int, float]] = {}
+    seen: set[int] = set()
+    def order(f: Path) -> tuple[str, int]:  # offline-run-<time>-<id>[-<n>]: a second attempt in the same second
+        stamp, _, n = f.parent.name.partition(f"-{run_id}")
+        return stamp, int(n[1:] or 0)
+
+    for f in sorted(Path(wandb_dir).glob(f"offline-run-*-{run_id}*/run-{run_id}.wandb"), key=order):
+        for rec in wandb_records(f):
+            if rec.WhichOneof("record_type") != "history":
+                continue
+            step = rec.history.step.num
+            assert step not in seen, f"W&B run {run_id}: step {step} twice"
+            seen.add(step)
+            for item in rec.history.item:
+                key = item.key or "/".join(item.nested_key)
+                if not key.startswith("_"):  # W&B's own _step, _runtime, _timestamp
+                    out.setdefault(key, {})[step] = json.loads(item.value_json)
+    return out
+
+
+def assert_same_scalars(got: dict[str, dict[int, float]], want: dict[str, dict[int, float]], what: str) -> None:
+    assert set(got) == set(want), f"{what}: keys differ: {sorted(set(got) ^ set(want))}"
+    for k in want:
+        assert set(got[k]) == set(want[k]), f"{what}: {k}: steps {sorted(got[k])} != {sorted(want[k])}"
+        for s, v in want[k].items():
+            assert got[k][s] == pytest.approx(v, rel=1e-6, nan_ok=True), f"{what}: {k} at step {s}"

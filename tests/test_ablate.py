@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from support import small_config
+from support import expected_scalars, mlflow_scalars, small_config, tensorboard_scalars
 
 from raysmol.ablate import report
 from raysmol.ablate.spec import load_ablation
@@ -301,7 +301,8 @@ def test_placement_groups_of_killed_train_controllers_are_released(ray_local):
 def tiny_sweep(tmp_path: Path, small_data, variants: list[dict], **fields) -> Path:
     """An ablation file whose baseline is the test suite's tiny 1-worker ZeRO-0 run."""
     cfg = small_config(tmp_path, small_data, {"train.num_workers": 1, "train.zero_stage": 0,
-                                              "train.checkpoint_every": 4, "train.eval_every": 2})
+                                              "train.checkpoint_every": 4, "train.eval_every": 2,
+                                              "run.trackers": ["tensorboard", "mlflow"]})
     base = cfg.to_dict()
     return write_spec(tmp_path, base, variants=variants, **{"metric": {"name": "val_loss", "mode": "min"}, **fields})
 
@@ -366,3 +367,22 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(small_da
         rows = [json.loads(x) for x in (sweep / "trials" / name / "metrics.jsonl").read_text().splitlines()]
         assert sum(r.get("event") == "start" for r in rows) == 1, f"{name} was run again"
         assert len((sweep / "trials" / name / "ledger.jsonl").read_text().splitlines()) == 1
+    # One tracked run per trial, across the driver's kill and the restore: MLflow's store beside the trials holds
+    # one run per trial name, and each trial's TensorBoard run holds metrics.jsonl's values, one per step (a trial
+    # killed by ASHA or with the driver may have logged a last row its driver never wrote to metrics.jsonl).
+    uri = f"file://{sweep}/trials/mlruns"
+    from mlflow import MlflowClient
+
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("raysmol").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == sorted(trials)
+    for name in trials:
+        rows = [json.loads(x) for x in (sweep / "trials" / name / "metrics.jsonl").read_text().splitlines()]
+        want = expected_scalars(rows)
+        state = json.loads((sweep / "trials" / name / "tracking.json").read_text())
+        for got in (tensorboard_scalars(sweep / "trials" / name), mlflow_scalars(uri, state["mlflow"]["run_id"])):
+            assert {"loss", "val_loss"} <= set(got)
+            for k, steps in want.items():
+                for step, v in steps.items():
+                    assert got[k][step] == pytest.approx(v, rel=1e-6, nan_ok=True), (name, k, step)

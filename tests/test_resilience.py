@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import small_config
+from support import assert_same_scalars, expected_scalars, small_config, tensorboard_scalars
 from safetensors.torch import load_file
 
 from raysmol.config import ConfigError
@@ -180,6 +180,10 @@ def test_crash_resumes_bit_exact(reference, small_data, tmp_path):
     assert rec["resume_step"] == 4 and rec["steps_redone"] == 1 and rec["resumed_from"].endswith("checkpoint_00000004")
     assert "after step 5" in rec["failure"] and rec["seconds_to_first_resumed_step"] > 0
     assert_bit_exact(path, reference)
+    # The resumed attempt continued the same TensorBoard run: one value per step, the resumed run's for the
+    # steps it redid (the last row of a step in metrics.jsonl).
+    assert len(list(path.glob("events.out.tfevents.*"))) == 2
+    assert_same_scalars(tensorboard_scalars(path), expected_scalars(metrics(path)), "tensorboard")
 
 
 def test_kill_9_from_outside_resumes_bit_exact(reference, small_data, tmp_path):

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import small_config, write_docs
+from support import (assert_same_scalars, expected_scalars, mlflow_scalars, small_config, tensorboard_scalars,
+                     wandb_scalars, write_docs)
 
 from raysmol import storage
 from raysmol.train import checkpoint as ckpt
@@ -38,7 +39,8 @@ def checkpoint_logits_vs_export(run_dir: Path, summary: dict) -> tuple[torch.Ten
 @pytest.fixture(scope="module")
 def zero2_run(ray_local, small_data, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("zero2")
-    cfg = small_config(tmp, small_data)
+    # Every tracker (TensorBoard alone is the default): MLflow's file store and W&B offline add ~3 s to the run.
+    cfg = small_config(tmp, small_data, {"run.trackers": ["tensorboard", "mlflow", "wandb"]})
     return cfg, pretrain(cfg, show_progress=False), tmp / "runs" / "t"
 
 
@@ -57,6 +59,24 @@ def test_zero2_run_writes_the_run_directory(zero2_run):
     for r in rows:
         assert r["tokens_per_s"] > 0 and r["grad_norm"] > 0 and r["lr"] > 0 and r["mfu"] is None
         assert r["tokens_per_s_per_worker"] == pytest.approx(r["tokens_per_s"] / 2)
+
+
+@pytest.mark.fast
+def test_trackers_hold_the_metrics_rows(zero2_run):
+    """TensorBoard's events in the run directory, the MLflow run and the offline W&B run each hold every number
+    of metrics.jsonl's rows (training, validation at steps 0 and 6) at its step, read back by their own readers."""
+    cfg, summary, run = zero2_run
+    want = expected_scalars(read_metrics(str(run)))
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "val_loss", "source_tokens/prose"} <= set(want)
+    assert sorted(want["val_loss"]) == [0, 6] and sorted(want["loss"]) == [1, 2, 3, 4, 5, 6]
+    assert list(run.glob("events.out.tfevents.*"))
+    assert_same_scalars(tensorboard_scalars(run), want, "tensorboard")
+    state = json.loads((run / "tracking.json").read_text())
+    assert_same_scalars(mlflow_scalars(state["mlflow"]["uri"], state["mlflow"]["run_id"]), want, "mlflow")
+    assert_same_scalars(wandb_scalars(run / "wandb", state["wandb"]["id"]), want, "wandb")
+    from mlflow import MlflowClient  # (support.mlflow_scalars allowed its file store)
+
+    assert MlflowClient(state["mlflow"]["uri"]).get_run(state["mlflow"]["run_id"]).info.status == "FINISHED"
 
 
 @pytest.mark.fast
@@ -138,3 +158,10 @@ def test_object_storage_run_directory(ray_local, small_data, tmp_path, s3_server
     # ~100 tokens of the 0.1 source were drawn from a stream of a few dozen: it wrapped, and the run says so.
     assert summary["data"]["math"]["wrapped"] and summary["data"]["math"]["epochs"] > 1
     assert not summary["data"]["prose"]["wrapped"]
+    # TensorBoard's event files, written on the rank-0 worker's disk, reached the bucket (at checkpoints and the end).
+    events = [n for n in storage.listdir(run) if n.startswith("events.out.tfevents.")]
+    assert events
+    for name in events:
+        (local / "tb" / name).parent.mkdir(parents=True, exist_ok=True)
+        (local / "tb" / name).write_bytes(storage.read_bytes(storage.join(run, name)))
+    assert_same_scalars(tensorboard_scalars(local / "tb"), expected_scalars(rows), "tensorboard")

@@ -1,5 +1,5 @@
-"""Loop events: what fault drills, GRPO's weight sync and evaluation, in-training eval suites (and next,
-experiment trackers) plug into, so the loop itself stays one page.
+"""Loop events: what fault drills, GRPO's weight sync and evaluation, in-training eval suites and experiment
+trackers plug into, so the loop itself stays one page.
 
 A hook is a picklable object built on the driver and shipped to every worker (like OLMo-core's callbacks, kept
 smaller). Every rank calls every event; a hook that only acts on rank 0 checks `ctx.rank`. The events, in the
@@ -13,6 +13,8 @@ order one step meets them:
     evaluate         a validation point: scores to add to the row (every rank takes part: ZeRO-3 forwards)
     before_checkpoint, during_save, after_checkpoint     around each checkpoint of `ctx.step`
     after_export     rank 0 has written the export of `ctx.step` at `ctx.export_dir` (train.export_every)
+    logged           rank 0 only: a row `ctx.log` recorded (any event above may log one; trackers mirror them)
+    teardown         once per worker process, after the last step (not after a crash)
 
 `state_dict`/`load_state_dict`: state saved in the checkpoint's state.json under `hooks.<name>` and given back
 on resume, so a hook's memory survives restarts the way the weights do.
@@ -70,6 +72,10 @@ class Hook:
 
     def after_export(self, ctx: Context) -> None: ...
 
+    def logged(self, ctx: Context, row: dict[str, Any]) -> None: ...
+
+    def teardown(self, ctx: Context) -> None: ...
+
     def state_dict(self) -> dict[str, Any] | None:
         return None
 
@@ -91,6 +97,10 @@ class Hooks:
         for h in self.hooks:
             out.update(getattr(h, event)(ctx))
         return out
+
+    def logged(self, ctx: Context, row: dict[str, Any]) -> None:
+        for h in self.hooks:
+            h.logged(ctx, row)
 
     def state_dict(self) -> dict[str, Any]:
         return {h.name: s for h in self.hooks if (s := h.state_dict()) is not None}

@@ -22,6 +22,7 @@ from raysmol.train.hooks import Hook
 from raysmol.train.loop import train_func
 from raysmol.train.samples import ExportSamples
 from raysmol.train.task import Task
+from raysmol.train.trackers import Trackers
 
 
 @ray.remote(num_cpus=0)
@@ -58,7 +59,9 @@ def train(cfg: Config, task: Task, hooks: list[Hook] | tuple[Hook, ...] = (), *,
     # of the run it continues unless the config says so (raysmol/train/resume_check.py).
     try:
         resumed = resume_check.check(cfg, rd)
-        hooks = [*hooks, *ExportSamples.for_config(cfg)]  # reads train.sample_prompts here, on the driver
+        # ExportSamples reads train.sample_prompts here, on the driver; Trackers checks the trackers' packages
+        # before any worker starts.
+        hooks = [*hooks, *ExportSamples.for_config(cfg), Trackers(cfg)]
     except BaseException:
         task.close()  # what prepare started (GRPO's engine actors)
         raise

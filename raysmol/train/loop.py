@@ -85,10 +85,12 @@ def train_func(loop_config: dict[str, Any]) -> None:
     cfg, task, progress = from_dict(loop_config["config"], origin="run config"), loop_config["task"], loop_config["progress"]
     deepspeed = _init_distributed(cfg)
     t, g, rank = cfg.train, cfg.guard, dist.get_rank()
-    ctx = Context(cfg, rank, dist.get_world_size(), _device(cfg), loop_config["run_dir"], partial(_log, progress, rank))
+    ctx = Context(cfg, rank, dist.get_world_size(), _device(cfg), loop_config["run_dir"],
+                  partial(_log, progress, rank, None, None))
     sentry = Sentry(None, SpikeGuard(g.window, g.min_steps, g.loss_zscore, g.grad_norm_factor), g.action)
     hooks = Hooks([Watchdog(cfg.watchdog, progress), sentry, *task.hooks(), *loop_config["hooks"],
                    Drills(cfg.faults, ctx.run_dir, rank, progress)])
+    ctx.log = partial(_log, progress, rank, hooks, ctx)
     hooks.call("setup", ctx)
     batches, val = task.batches(ctx)
     model = prepare_for_training(task.model(ctx), cfg)
@@ -154,6 +156,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
     sd = ckpt.full_state_dict(engine)
     if rank == 0:
         _export(model, sd, storage.join(ctx.run_dir, "hf"))
+    hooks.call("teardown", ctx)
     dist.barrier()
 
 
@@ -378,10 +381,14 @@ def _gpu_peak() -> float | None:
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
-def _log(progress, rank: int, metrics: dict[str, Any]) -> None:
-    if rank == 0 and progress is not None:
+def _log(progress, rank: int, hooks: Hooks | None, ctx: Context | None, metrics: dict[str, Any]) -> None:
+    if rank != 0:
+        return
+    if progress is not None:
         # Fire and forget: the driver writes metrics.jsonl and the progress bar.
         progress.log.remote({**metrics, "time": time.time()})
+    if hooks is not None:
+        hooks.logged(ctx, metrics)  # experiment trackers (raysmol/train/trackers.py)
 
 
 def _save_and_report(engine, ctx: Context, plan: DataPlan, hooks: Hooks) -> None:

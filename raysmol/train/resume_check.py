@@ -34,6 +34,8 @@ Harmless (allowed, logged and recorded in summary.json's `resume`):
                                 kernels and memory: the same function, up to rounding
   data.cache_dir                where prepared shards are cached (their folder is a hash of the inputs)
   run.category                  the ledger's booking
+  run.trackers, mlflow_uri, project
+                                where the metrics are mirrored (raysmol/train/trackers.py), not what is trained
   faults.*                      drills for tests and rehearsals
   watchdog.*                    hang detection bounds
   guard.*                       the spike guard's reaction: a run stopped by it (too many rollbacks) is
@@ -72,7 +74,7 @@ HARMLESS = (
     "train.num_workers", "train.min_workers", "train.micro_batch_size", "train.elastic_resize_interval_s",
     "train.max_failures", "train.cpu_threads_per_worker", "train.peak_flops",
     "train.activation_checkpointing", "train.compile", "train.liger", "model.attn_implementation",
-    "data.cache_dir", "run.category", "faults", "guard", "watchdog",
+    "data.cache_dir", "run.category", "run.trackers", "run.mlflow_uri", "run.project", "faults", "guard", "watchdog",
     "grpo.cpus_per_engine", "grpo.gpus_per_engine", "grpo.reward_tasks", "grpo.reward_cpus",
     "grpo.rollout_timeout_s", "grpo.sync_timeout_s", "grpo.verify_sync",
 )
