@@ -291,6 +291,9 @@ def test_truncated_importance_sampling_caps_the_weights():
     ("grpo.logprobs=vllm", "grpo.logprobs: 'vllm' is not one of 'trainer', 'engine'"),
     ("grpo.engine_dtype=auto", "grpo.engine_dtype: auto is vLLM's choice"),
     ("grpo.engine_dtype=fp16", "grpo.engine_dtype: 'fp16' is not one of"),
+    ("grpo.weight_sync=nccl", "grpo.weight_sync: 'nccl' is not one of 'object_store', 'files'"),
+    ("grpo.sync_bucket_mb=0", "grpo.sync_bucket_mb: must be positive"),
+    ("faults.hang_sync_at_step=500", r"faults.hang_sync_at_step: must be a step in \[1, train.steps="),
 ])
 def test_logprob_config_errors_name_the_key(override, needle):
     from raysmol.config import load_config
@@ -308,3 +311,70 @@ def test_engines_default_to_the_trainers_precision():
     assert engine_dtype(load_config(job, ["train.use_gpu=true"])) == "bfloat16"  # GPU auto: bf16
     assert engine_dtype(load_config(job, ["train.use_gpu=true", "train.precision=fp32"])) == "float32"
     assert engine_dtype(load_config(job, ["grpo.engine=vllm", "grpo.engine_dtype=auto"])) == "auto"
+
+
+# ---------------------------------------------------------------- weight sync without files (issue 16, item 3)
+
+def test_buckets_split_and_reassemble_a_state_dict_exactly():
+    """Buckets keep the state dict's order, never exceed the limit (a larger tensor is a bucket alone), and join
+    back bit for bit; a dtype casts floating tensors only; tied tensors go once."""
+    from raysmol.serve.sync import MIB, buckets, nbytes, reassemble
+
+    model = tiny_llama()
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    sd["step_counter"] = torch.tensor([7], dtype=torch.int64)
+    sizes = [nbytes(t) for t in sd.values()]
+    limit = 3 * max(sizes) / MIB  # about three of the largest tensors per bucket
+    parts = buckets(sd, limit)
+    assert len(parts) > 1 and [n for b in parts for n, _ in b] == list(sd)  # every tensor once, in order
+    for i, b in enumerate(parts):
+        size = sum(nbytes(t) for _, t in b)
+        assert size <= limit * MIB
+        if i + 1 < len(parts):  # closed only because the next tensor did not fit
+            assert size + nbytes(parts[i + 1][0][1]) > limit * MIB
+    back = reassemble(parts)
+    assert list(back) == list(sd) and all(torch.equal(back[k], sd[k]) and back[k].dtype == sd[k].dtype for k in sd)
+    assert all(t.data_ptr() != sd[k].data_ptr() for k, t in back.items())  # copies: the trainer's may change
+    small = buckets(sd, min(sizes) / MIB / 2)  # every tensor larger than the limit: one bucket each
+    assert [len(b) for b in small] == [1] * len(sd)
+    half = reassemble(buckets(sd, 1000, dtype=torch.bfloat16))
+    assert half["step_counter"].dtype == torch.int64 and half["lm_head.weight"].dtype == torch.bfloat16
+    tied = {"embed.weight": sd["model.embed_tokens.weight"], "head.weight": sd["model.embed_tokens.weight"]}
+    assert [n for b in buckets(tied, 1) for n, _ in b] == ["embed.weight"]
+    with pytest.raises(ValueError, match="bucket_mb must be positive"):
+        buckets(sd, 0)
+    with pytest.raises(ValueError, match="in two buckets"):
+        reassemble([parts[0], parts[0]])
+
+
+def test_a_transformers_engine_loads_buckets_and_reports_the_new_version():
+    """begin(version) -> buckets in order -> end(version): the engine's model then gives the trainer model's
+    greedy tokens, and the version changes only at the end; a bucket without begin, an unknown name, a wrong end
+    are refused. (Through Ray and the engine's own generate: test_engines.py's pool test.)"""
+    from raysmol.serve.engines import EngineError, TransformersEngine
+    from raysmol.serve.sync import buckets
+
+    engine = TransformersEngine.__new__(TransformersEngine)  # the engine without a tokenizer folder
+    engine.model, engine.version, engine.options = tiny_llama(0).eval(), 0, {}
+    trainer = tiny_llama(1).eval()
+    ids = torch.tensor([[3, 4, 5], [9, 20, 21]])
+
+    def greedy(m):
+        return m.generate(ids, do_sample=False, max_new_tokens=8, pad_token_id=0, eos_token_id=None).tolist()
+
+    assert greedy(engine.model) != greedy(trainer)
+    with pytest.raises(EngineError, match="load_bucket without begin_update"):
+        engine.load_bucket([])
+    engine.begin_update(5)
+    parts = buckets(trainer.state_dict(), 0.01)
+    assert len(parts) > 2
+    for b in parts:
+        engine.load_bucket(b)
+        assert engine.version == 0
+    with pytest.raises(EngineError, match=r"end_update\(6\)"):
+        engine.end_update(6)
+    assert engine.end_update(5) == 5 == engine.version
+    assert greedy(engine.model) == greedy(trainer)
+    engine.begin_update(6)
+    with pytest.raises(EngineError, match="does not have"):
+        engine.load_bucket([("no.such.weight", torch.zeros(1))])
