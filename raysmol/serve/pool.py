@@ -73,7 +73,7 @@ class EnginePool:
     prompt goes to the next engine in turn); `load` updates every engine and checks the versions they report."""
 
     def __init__(self, kind: str, model_path: str, *, num_engines: int = 1, version: int = 0, timeout_s: float = 600.0,
-                 load_timeout_s: float = 300.0, cpus_per_engine: float = 1, gpus_per_engine: float = 0,
+                 load_timeout_s: float = 300.0, start_timeout_s: float | None = None, cpus_per_engine: float = 1, gpus_per_engine: float = 0,
                  options: dict[str, Any] | None = None):
         if num_engines < 1:
             raise EngineError(f"num_engines={num_engines}: must be >= 1")
@@ -85,7 +85,8 @@ class EnginePool:
         self.actors = [self._start() for _ in range(num_engines)]
         self._next = 0
         self.restarts = 0
-        self._wait([a.version.remote() for a in self.actors], self.load_timeout_s, "start", range(num_engines))
+        self._wait([a.version.remote() for a in self.actors], start_timeout_s or self.load_timeout_s, "start",
+                   range(num_engines))
 
     def _start(self):
         actor = self._cls.remote(self.kind, self.model_path, self.path_version, self.options)
