@@ -197,7 +197,7 @@ class Rollouts(Hook):
                 folder = self._write(model, sd, step)
                 push = partial(self.pool.load, folder, step, timeout_s=timeout)
             else:
-                push = partial(self.pool.sync, self._put(sd), step, timeout_s=timeout)
+                push = partial(self.pool.sync, self._put(model, sd), step, timeout_s=timeout)
             try:
                 push(hang=(0,) if self._hang_drill(step) else ())
             except (EngineTimeout, EngineError) as e:
@@ -219,10 +219,14 @@ class Rollouts(Hook):
         self.version = step
         dist.barrier()
 
-    def _put(self, sd) -> list:
-        """The state dict into Ray's object store, grpo.sync_bucket_mb MiB per ray.put, at the engines' dtype."""
+    def _put(self, model, sd) -> list:
+        """The state dict into Ray's object store, grpo.sync_bucket_mb MiB per ray.put, at the engines' dtype. A
+        tied head is left out (the gathered dict holds it as a copy of the embedding; the engines tie it), as
+        save_pretrained leaves it out of the files."""
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
             engine_dtype(self.cfg))
+        if getattr(model.config, "tie_word_embeddings", False) and "model.embed_tokens.weight" in sd:
+            sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}
         return [ray.put(b) for b in buckets(sd, self.cfg.grpo.sync_bucket_mb, dtype)]
 
     def _hang_drill(self, step: int) -> bool:

@@ -18,8 +18,8 @@ def nbytes(t: torch.Tensor) -> int:
 
 
 def buckets(state_dict: dict[str, torch.Tensor], bucket_mb: float, dtype: torch.dtype | None = None) -> list[Bucket]:
-    """The state dict's tensors in its own order, as CPU contiguous copies (floating ones cast to `dtype` when
-    given), cut into buckets of at most `bucket_mb` MiB: a bucket closes before the tensor that would overflow it;
+    """The state dict's tensors in its own order, on the CPU and contiguous (floating ones cast to `dtype` when
+    given; the tensors themselves where nothing changes, so put them before the weights move), cut into buckets of at most `bucket_mb` MiB: a bucket closes before the tensor that would overflow it;
     a tensor larger than the limit is a bucket alone. Tied tensors (one storage under two names) go once, under
     their first name: every engine re-ties them."""
     if bucket_mb <= 0:
@@ -37,7 +37,7 @@ def buckets(state_dict: dict[str, torch.Tensor], bucket_mb: float, dtype: torch.
         t = t.detach()
         if dtype is not None and t.is_floating_point():
             t = t.to(dtype)
-        t = t.to("cpu").contiguous().clone() if t.device.type != "cpu" or not t.is_contiguous() else t.clone()
+        t = t.to("cpu").contiguous()  # no copy where it already is: ray.put copies
         n = nbytes(t)
         if current and size + n > limit:
             out.append(current)

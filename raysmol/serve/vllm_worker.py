@@ -33,14 +33,15 @@ class WorkerExtension:
             initialize_layerwise_reload(self.model_runner.get_model())
         self._raysmol_updating, self._raysmol_loaded = True, 0
 
-    def raysmol_load_bucket(self, names: list[str], data: bytes) -> int:
-        """One bucket: its tensors as safetensors bytes, loaded in the order of `names`."""
-        from safetensors.torch import load
+    def raysmol_load_bucket(self, names: list[str], path: str) -> int:
+        """One bucket: a safetensors file (in shared memory, written by the engine's actor), loaded in the order
+        of `names`."""
+        from safetensors.torch import load_file
         from vllm.config import set_current_vllm_config
 
         if not getattr(self, "_raysmol_updating", False):
             raise RuntimeError("raysmol_load_bucket without raysmol_begin_update")
-        tensors = load(bytes(data))
+        tensors = load_file(path)
         with set_current_vllm_config(self.vllm_config):
             self.model_runner.get_model().load_weights((n, tensors[n]) for n in names)
         self._raysmol_loaded += len(names)
