@@ -350,7 +350,8 @@ class GRPO(PostTask):
             hf_tok.save_pretrained(d)
             storage.upload_dir(d, start)
         pool = EnginePool(g.engine, start, num_engines=g.num_engines, version=0, timeout_s=g.rollout_timeout_s,
-                          load_timeout_s=g.sync_timeout_s, start_timeout_s=g.rollout_timeout_s, cpus_per_engine=g.cpus_per_engine,
+                          load_timeout_s=g.sync_timeout_s, start_timeout_s=g.rollout_timeout_s,
+                          cpus_per_engine=g.cpus_per_engine,
                           gpus_per_engine=g.gpus_per_engine if cfg.train.use_gpu else 0,
                           options={"dtype": engine_dtype(cfg)})
         self.rollouts = Rollouts(cfg, pool, train, held_out, run_dir(cfg), self.init_uri)

@@ -73,8 +73,8 @@ class EnginePool:
     prompt goes to the next engine in turn); `load` updates every engine and checks the versions they report."""
 
     def __init__(self, kind: str, model_path: str, *, num_engines: int = 1, version: int = 0, timeout_s: float = 600.0,
-                 load_timeout_s: float = 300.0, start_timeout_s: float | None = None, cpus_per_engine: float = 1, gpus_per_engine: float = 0,
-                 options: dict[str, Any] | None = None):
+                 load_timeout_s: float = 300.0, start_timeout_s: float | None = None, cpus_per_engine: float = 1,
+                 gpus_per_engine: float = 0, options: dict[str, Any] | None = None):
         if num_engines < 1:
             raise EngineError(f"num_engines={num_engines}: must be >= 1")
         self.kind, self.model_path, self.version = kind, model_path, version

@@ -19,8 +19,9 @@ def nbytes(t: torch.Tensor) -> int:
 
 def buckets(state_dict: dict[str, torch.Tensor], bucket_mb: float, dtype: torch.dtype | None = None) -> list[Bucket]:
     """The state dict's tensors in its own order, on the CPU and contiguous (floating ones cast to `dtype` when
-    given; the tensors themselves where nothing changes, so put them before the weights move), cut into buckets of at most `bucket_mb` MiB: a bucket closes before the tensor that would overflow it;
-    a tensor larger than the limit is a bucket alone. Tied tensors (one storage under two names) go once, under
+    given; the tensors themselves where nothing changes, so put them before the weights move), cut into buckets of
+    at most `bucket_mb` MiB: a bucket closes before the tensor that would overflow it; a tensor larger than the
+    limit is a bucket alone. Tied tensors (one storage under two names) go once, under
     their first name: every engine re-ties them."""
     if bucket_mb <= 0:
         raise ValueError(f"bucket_mb must be positive, got {bucket_mb}")
