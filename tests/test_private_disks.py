@@ -127,6 +127,7 @@ def test_grpo_on_a_node_with_its_own_disk_survives_a_lost_engine_and_a_crash(clu
     # original engine 0 dead too and replaced it while pushing step 2's weights.
     assert [r["engine_restarts"] for r in steps] == [0, 1, 1]
     assert summary["grpo"]["sync_checks"] == 3
+    assert summary["grpo"]["weight_sync"] == "files" and summary["grpo"]["sync_s_mean"] > 0
     zero = next(r for r in rows if r.get("step") == 0 and "event" not in r)  # the evaluation before step 1
     assert "eval/accuracy" in zero and "eval/accuracy_sampled" in steps[-1]
     got = AutoModelForCausalLM.from_pretrained(storage.model_folder(f"{run}/hf")).state_dict()
