@@ -347,6 +347,15 @@ class GRPOConfig:
     rewards."""
     rollout_timeout_s: float = 300.0
     sync_timeout_s: float = 300.0
+    """A weight sync (every engine loading the new weights) that runs past this counts as a lost engine: it is
+    replaced (re-synced) and the sync retried once."""
+    weight_sync: Literal["object_store", "files"] = "object_store"
+    """How each update's weights reach the engines. object_store: rank 0 puts the gathered state dict into Ray's
+    object store in buckets of sync_bucket_mb and every engine loads them in order, no files; files: rank 0 writes
+    a Hugging Face folder under the run directory (`policy/`) and every engine reads it (object storage or a
+    shared disk must reach every node)."""
+    sync_bucket_mb: float = 256.0
+    """object_store: the most MiB of named tensors in one ray.put (one tensor larger than this is a bucket alone)."""
     eval_prompts: int = 200
     """Prompts held out (the first of a seeded permutation) and scored greedily through the reward at every
     validation: `eval/accuracy` (exact match with reward: exact)."""
@@ -374,6 +383,7 @@ class GRPOConfig:
         need(self.rollout_timeout_s > 0 and self.sync_timeout_s > 0, "rollout_timeout_s/sync_timeout_s",
              "must be positive")
         need(self.eval_prompts >= 0, "eval_prompts", f"must be >= 0, got {self.eval_prompts}")
+        need(self.sync_bucket_mb > 0, "sync_bucket_mb", f"must be positive, got {self.sync_bucket_mb}")
 
 
 @dataclass
@@ -602,6 +612,10 @@ class FaultsConfig:
     replacement."""
     hang_at_step: int | list[int] | None = None
     """crash_rank blocks forever right after this step's update (once): the watchdog must catch it."""
+    hang_sync_at_step: int | list[int] | None = None
+    """GRPO: engine actor 0 blocks forever in the weight sync after this step's update (once, either
+    grpo.weight_sync); the sync must time out (grpo.sync_timeout_s), the engine be replaced and re-synced, and
+    the run go on."""
 
     # No check of its own: every drill is checked against train (steps, ranks, checkpoints) in _cross_check.
 
@@ -615,7 +629,8 @@ class FaultsConfig:
 
 
 FAULT_STEPS = ("crash_at_step", "crash_after_report_at_step", "kill_during_save_at_step", "spike_at_step",
-               "nan_at_step", "pause_at_step", "kill_engine_at_step", "hang_at_step")
+               "nan_at_step", "pause_at_step", "kill_engine_at_step", "hang_at_step",
+               "hang_sync_at_step")
 POST_TRAINING = ("sft", "dpo", "grpo")
 
 

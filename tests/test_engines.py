@@ -42,6 +42,18 @@ def test_sampling_values_are_checked():
         make_engine("tgi", "x")
 
 
+def object_store_buckets(folder, n: int) -> list:
+    """A model folder's weights as GRPO's object_store sync sends them: `n` buckets, one ray.put each."""
+    import ray
+
+    from raysmol.serve.sync import MIB, buckets, nbytes
+
+    sd = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict()
+    parts = buckets(sd, sum(nbytes(t) for t in sd.values()) / n / MIB * 1.01)
+    assert len(parts) >= n
+    return [ray.put(b) for b in parts]
+
+
 def test_transformers_engine_matches_a_hand_written_greedy_loop(hf_models):
     engine = TransformersEngine(str(hf_models["a"]))
     results = engine.generate(PROMPTS, Sampling(max_tokens=12))  # batched with left padding
@@ -100,6 +112,18 @@ def test_pool_splits_batches_updates_weights_and_replaces_a_stuck_engine(ray_loc
         assert pool.versions(timeout_s=120) == [1, 1]
         assert [g[0].token_ids for g in pool.generate(PROMPTS[:2], greedy)] == [g[0].token_ids for g in after[:2]]
 
+        # In-memory sync (GRPO's object_store): model a's weights in 3 buckets through the object store, as version
+        # 2; a's greedy tokens come back. Engine 1's sync never completes: it times out, and its replacement
+        # (started from the folder) catches up on the pool's refs before it serves.
+        refs = object_store_buckets(hf_models["a"], n=3)
+        with pytest.raises(EngineTimeout, match="weight sync of version 2 failed .*engine 1 timed out"):
+            pool.sync(refs, version=2, timeout_s=5, hang=(1,))
+        assert pool.restarts == 2 and pool.versions(timeout_s=120) == [2, 2]
+        synced = pool.generate(PROMPTS, greedy)  # split over both engines: the replacement answers half
+        assert [g[0].token_ids for g in synced] == [g[0].token_ids for g in before]
+        assert all(g[0].version == 2 for g in synced)
+        assert pool.sync(refs, version=3) == [3, 3]  # what GRPO's retry does: every engine checked
+
 
 @pytest.mark.slow
 def test_vllm_engine_agrees_with_transformers_and_follows_new_weights(ray_local, hf_models):
@@ -119,6 +143,13 @@ def test_vllm_engine_agrees_with_transformers_and_follows_new_weights(ray_local,
         ref_b = TransformersEngine(str(hf_models["b"])).generate(PROMPTS, greedy)
         assert [g[0].token_ids for g in got_b] == [r[0].token_ids for r in ref_b]
         assert all(g[0].version == 3 for g in got_b)
+        # In-memory sync (vLLM's layerwise reload, bucket by bucket, tied head repacked): a's tokens come back.
+        t = time.perf_counter()
+        assert pool.sync(object_store_buckets(hf_models["a"], n=3), version=4) == [4]
+        synced_s = time.perf_counter() - t
+        got_a = pool.generate(PROMPTS, greedy)
+        assert [g[0].token_ids for g in got_a] == [r[0].token_ids for r in reference], synced_s
+        assert all(g[0].version == 4 for g in got_a)
         hot = Sampling(n=4, temperature=1.0, max_tokens=8, seed=11)
         a, b = pool.generate(["the"], hot), pool.generate(["the"], hot)
         assert [s.token_ids for s in a[0]] == [s.token_ids for s in b[0]] and len(a[0]) == 4

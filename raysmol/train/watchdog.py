@@ -82,7 +82,8 @@ class Watchdog(Hook):
         if self._step_started is not None:
             self._durations.append(now - self._step_started)
         slow = (self._first or t.eval_due(step) or t.checkpoint_due(step) or t.export_due(step)
-                or ctx.cfg.faults.at("kill_engine_at_step", step))  # a drill's engine restart is not a hang
+                or ctx.cfg.faults.at("kill_engine_at_step", step)  # a drill's engine restart is not a hang
+                or ctx.cfg.faults.at("hang_sync_at_step", step))  # nor a sync that times out and is redone
         self._first = False
         # Only plain steps are timed, so the median is a step's time, not a save's.
         self._step_started = None if slow else now
