@@ -1,7 +1,7 @@
 """Seconds to sync one policy version into a pool of engines: files (a Hugging Face folder written under a run
 directory, loaded by every engine) against object_store (buckets ray.put and loaded by every engine), for the
 transformers and the vLLM engine. What GRPO's per-step `sync_s` measures, less the trainer's gather (the same for
-both). Usage: python scripts/measure_sync.py MODEL_FOLDER OTHER_WEIGHTS_FOLDER [repeats] [kinds]"""
+both). Usage: python benchmarks/weight_sync.py MODEL_FOLDER OTHER_WEIGHTS_FOLDER [repeats] [kinds]"""
 
 from __future__ import annotations
 
@@ -52,6 +52,8 @@ def main() -> None:
             for how, ts in times.items():
                 print(f"{kind:12s} {how:12s} median {statistics.median(ts):.3f} s  (min {min(ts):.3f}, max "
                       f"{max(ts):.3f}, {len(ts)} syncs)", flush=True)
+            ratio = statistics.median(times["object_store"]) / statistics.median(times["files"])
+            print(f"{kind:12s} object_store / files: {ratio:.2f}x the time (baseline: files, same run)", flush=True)
     ray.shutdown()
 
 
