@@ -66,7 +66,7 @@ def test_gsm8k_on_the_instruct_model_goes_through_its_chat_template_or_not(ray_l
         out = tmp_path / (flag[0][2:] if flag else "auto")
         with pytest.raises(SystemExit) as e:
             main(["eval", str(smollm2), "--task", "gsm8k", "--engine", "transformers", "--limit", "2", "--shots", "1",
-                  "--max-tokens", "160", "--reference", str(GSM8K), "--out", str(out), *flag])
+                  "--max-tokens", "64", "--reference", str(GSM8K), "--out", str(out), *flag])
         assert e.value.code == 0
         (res_file,) = out.glob("*/freeform/gsm8k.json")
         results[bool(flag)] = json.loads(res_file.read_text())
