@@ -1,6 +1,8 @@
 """The run's process logs in its run directory: <run_dir>/logs/<Actor>-<pid>.out|err for every actor of this
-driver's job (Ray Train's controller and workers, GRPO's engines), fetched through Ray's state API from whichever
-node ran them, dead ones included (a crashed worker's traceback is what one looks for).
+driver's job (Ray Train's controller and workers, GRPO's engines), dead ones included (a crashed worker's
+traceback is what one looks for). The actors come from Ray's state API (the GCS); their logs are read from this
+node's Ray log folder when they ran here, else fetched through the state API from the node that ran them (that
+needs the node's dashboard agent, which does not start when another Ray on the same machine holds its port).
 
 By default the console shows none of it (`init_ray` turns off log_to_driver; `raysmol --verbose` turns it back on),
 so this is where DeepSpeed's, torch's and Ray's worker output goes. Best effort: a log that cannot be fetched is
@@ -34,11 +36,17 @@ def collect(run_dir: str) -> str | None:
         log.warning("process logs not collected: Ray's state API did not answer (%s)", str(e).splitlines()[0])
         return None
     out = storage.join(run_dir, "logs")
+    here, local_logs = ray.get_runtime_context().get_node_id(), _local_logs_dir()
     for a in actors:
         for suffix in ("out", "err"):
             try:
-                lines = [x for x in get_log(address=address, actor_id=a.actor_id, suffix=suffix, tail=-1, timeout=30)
-                         for x in x.splitlines(keepends=True)]
+                if a.node_id == here and local_logs is not None:
+                    # Ray's own naming: worker-<worker id>-<job id>-<pid>.<suffix>
+                    lines = [x for f in sorted(local_logs.glob(f"worker-*-{a.pid}.{suffix}"))
+                             for x in f.read_text(errors="replace").splitlines(keepends=True)]
+                else:
+                    lines = [x for x in get_log(address=address, actor_id=a.actor_id, suffix=suffix, tail=-1,
+                                                timeout=30) for x in x.splitlines(keepends=True)]
             except Exception as e:
                 log.debug("no %s log for %s %s: %s", suffix, a.class_name, a.actor_id, e)
                 continue
@@ -46,3 +54,15 @@ def collect(run_dir: str) -> str | None:
             if text.strip():
                 storage.write_text(storage.join(out, f"{a.class_name}-{a.pid}.{suffix}"), text[-MAX_BYTES:])
     return out
+
+
+def _local_logs_dir():
+    """This node's Ray log folder (no public API names it; None when this Ray does not say)."""
+    from pathlib import Path
+
+    try:
+        import ray._private.worker as worker
+
+        return Path(worker._global_node.get_logs_dir_path())
+    except Exception:
+        return None
