@@ -331,6 +331,12 @@ class GRPOConfig:
     min(exp(trainer - engine log-prob), tis_cap), correcting for the engine sampling from a slightly different
     distribution than the trainer's weights give; None: off. Needs logprobs: trainer (with engine the ratio
     already carries that weight, untruncated)."""
+    max_staleness: int = 0
+    """Rollouts in flight while a step trains: the engines generate the next max_staleness steps' completions
+    during the update, so a step may train on samples of a policy up to this many updates old (every sample's
+    version is checked and logged). 0: each step's rollout comes from the current weights (the synchronous
+    loop). Above 0 it needs tis_cap (the off-policy samples' importance weight). A restart refills the pipeline
+    on-policy."""
     engine: Literal["transformers", "vllm"] = "transformers"
     engine_dtype: Literal["float32", "bfloat16", "float16", "auto"] | None = None
     """The engines' dtype; None: the trainer's precision (float32, or bfloat16 when train.precision is bf16),
@@ -373,6 +379,11 @@ class GRPOConfig:
         need(self.clip > 0, "clip", f"must be positive, got {self.clip}")
         need(self.kl_beta >= 0, "kl_beta", f"must be >= 0, got {self.kl_beta}")
         need(self.tis_cap is None or self.tis_cap > 0, "tis_cap", f"must be positive (null: off), got {self.tis_cap}")
+        need(self.max_staleness >= 0, "max_staleness", f"must be >= 0 (0: the synchronous loop), got {self.max_staleness}")
+        need(self.max_staleness == 0 or (self.tis_cap is not None and self.logprobs == "trainer"), "max_staleness",
+             f"{self.max_staleness} trains on samples of older weights: it needs logprobs: trainer and tis_cap (e.g. "
+             "2.0), which weights each token by pi_current / pi_sampling (capped); got logprobs: "
+             f"{self.logprobs}, tis_cap: {self.tis_cap}")
         need(self.tis_cap is None or self.logprobs == "trainer", "tis_cap",
              "needs logprobs: trainer (with logprobs: engine the ratio already weights by trainer/engine)")
         need(self.engine_dtype != "auto" or self.engine == "vllm", "engine_dtype",

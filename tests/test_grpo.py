@@ -195,6 +195,26 @@ def test_grpo_with_a_vllm_engine_follows_every_update(ray_local, small_data, hf_
     assert sorted(p.name for p in (run / "policy").iterdir()) == ["v00000000"]  # the engines' start, nothing since
 
 
+def test_overlapped_grpo_trains_one_update_behind_and_survives_a_lost_engine(ray_local, small_data, base, tmp_path):
+    """grpo.max_staleness 1 on real engine actors: step t + 1's rollout is generated while step t trains, so from
+    step 2 on the samples are one update old (versions per sample in the metrics), never more. The engine is
+    killed while step 3's rollout is in flight: that rollout is generated again on the current weights (staleness
+    0 at step 3) by the replacement, which every later sync reaches; the engines follow every update (greedy
+    tokens checked)."""
+    cfg = grpo_config(tmp_path, small_data, base, **{"grpo.max_staleness": 1, "grpo.tis_cap": 2.0,
+                                                     "train.steps": 4, "train.checkpoint_every": 4,
+                                                     "train.eval_every": 4, "faults.kill_engine_at_step": 3})
+    summary = recipes.run("grpo", cfg, show_progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "runs" / "t" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert [r["staleness_max"] for r in steps] == [0, 1, 0, 1]
+    assert [r["version_min"] for r in steps] == [0, 0, 2, 2]
+    assert [r["engine_restarts"] for r in steps] == [0, 1, 1, 1]
+    assert [r["sync_check"]["greedy_match"] for r in steps] == [True] * 4
+    assert all(0 < r["tis_weight_mean"] <= 2.0 and r["rollout_s"] >= 0 for r in steps)
+    assert summary["steps"] == 4 and "eval/accuracy" in steps[-1]
+
+
 # ---------------------------------------------------------------- the ratio's denominator (issue 16, item 1)
 
 def tiny_llama(seed: int = 0) -> transformers.LlamaForCausalLM:
@@ -231,7 +251,9 @@ def test_the_ratio_is_exactly_one_before_the_steps_update(monkeypatch):
     rollouts.cfg = SimpleNamespace(grpo=SimpleNamespace(prompts_per_step=2), data=SimpleNamespace(seed=0))
     rollouts.train, rollouts.ref, rollouts.stats, rollouts.device = [{}] * 4, None, {}, torch.device("cpu")
     rollouts.policy = model  # what after_restore sets: the engine the loss runs on
-    rollouts._rollout = lambda rows, step: (packed, engine_rows, np.array([1.0, -1.0, 0.5, -0.5]), np.ones(4))
+    rollouts.version = 0
+    rollouts._next_rollout = lambda step: (packed, engine_rows, np.array([1.0, -1.0, 0.5, -0.5]), np.ones(4),
+                                           np.zeros(4, dtype=np.int64))
     monkeypatch.setattr(rollout.dist, "broadcast_object_list", lambda box, src: None)  # one rank
     mbs = rollouts.micro_batches(0, rank=0, world=1, micro=2)
     assert torch.equal(mbs[0].extras["engine_logps"], torch.from_numpy(engine_rows[:2]))
@@ -387,3 +409,121 @@ def test_a_transformers_engine_loads_buckets_and_reports_the_new_version():
     engine.begin_update(6)
     with pytest.raises(EngineError, match="does not have"):
         engine.load_bucket([("no.such.weight", torch.zeros(1))])
+
+
+# ---------------------------------------------------------------- overlapped rollouts (issue 16, item 2)
+
+class InOrderPool:
+    """An engine pool as the rollouts see it, run in this process: like an engine actor it takes its calls in
+    order, so a generation submitted before a sync samples from the weights before it. It records every call."""
+
+    def __init__(self):
+        from raysmol.serve.pool import Pending
+
+        self.Pending, self.version, self.restarts, self.calls = Pending, 0, 0, []
+
+    def submit(self, prompts, sampling):
+        from raysmol.serve.engines import Sample
+
+        self.calls.append(("generate", sampling.seed, self.version))
+        # Completions that depend on the prompt, the seed and the weights, as sampling does.
+        groups = [[Sample(f"{i}", [3 + (sampling.seed + self.version + i + j) % 7, 2], [-1.0, -0.5], "stop",
+                          self.version) for j in range(sampling.n)] for i, _ in enumerate(prompts)]
+        pending = self.Pending([], [0], [None], f"generate ({len(prompts)} prompts)")
+        pending.groups = groups
+        return pending
+
+    def collect(self, pending, timeout_s=None):
+        return pending.groups
+
+    def sync(self, refs, version, timeout_s=None, hang=()):
+        self.calls.append(("sync", version))
+        self.version = version
+        return [version]
+
+    def versions(self, timeout_s=None):
+        return [self.version]
+
+
+def run_rollouts(monkeypatch, max_staleness: int, steps: int = 4):
+    """Rollouts driven the way the loop drives them (one rank): micro_batches for each step, then after_update's
+    weight sync. Returns the pool's calls and what each step trained on."""
+    from types import SimpleNamespace
+
+    from raysmol.post import rollout
+    from raysmol.post.rollout import Rollouts
+
+    monkeypatch.setattr(rollout.dist, "broadcast_object_list", lambda box, src: None)
+    monkeypatch.setattr(rollout.dist, "barrier", lambda: None)
+    monkeypatch.setattr(rollout.ckpt, "full_state_dict", lambda engine: {})
+    monkeypatch.setattr(rollout, "_logps", lambda model, b, device: torch.zeros(b.labels.shape))
+    monkeypatch.setattr(rollout, "render_prompt", lambda tok, row: row["prompt"])
+    r = Rollouts.__new__(Rollouts)
+    r.cfg = SimpleNamespace(
+        grpo=SimpleNamespace(prompts_per_step=2, group_size=2, temperature=1.0, top_p=1.0, max_new_tokens=2,
+                             max_staleness=max_staleness, rollout_timeout_s=5, sync_timeout_s=5,
+                             weight_sync="object_store", verify_sync=False),
+        data=SimpleNamespace(seed=100), train=SimpleNamespace(seq_len=8, steps=steps),
+        faults=SimpleNamespace(at=lambda key, step: False))
+    r.pool, r.train, r.held_out, r.run_dir = InOrderPool(), [{"prompt": f"p{i}"} for i in range(6)], [], "unused"
+    r.version, r.pending, r.stats, r.rank, r.ref, r.device, r.policy = 0, {}, {}, 0, None, "cpu", None
+    r.tokenizer = lambda text: {"input_ids": [5, 6 + int(text[1:])]}  # prompt "p<i>": two tokens
+    r.tokenizer.pad_token_id = 0
+    r._rewards = lambda texts, rows: [[float(t[0] == "0") for t in group] for group in texts]
+    r._put = lambda model, sd: []
+    trained = []
+    for step in range(1, steps + 1):
+        mbs = r.micro_batches(step - 1, rank=0, world=1, micro=2)
+        trained.append({"tokens": [b.input_ids.tolist() for b in mbs],
+                        "versions": torch.cat([b.extras["versions"] for b in mbs]).tolist(),
+                        "staleness": torch.cat([b.extras["staleness"] for b in mbs]).tolist()})
+        r.sync(None, None, step)  # after_update
+    return r.pool.calls, trained
+
+
+def test_staleness_zero_is_the_synchronous_loop_and_one_trains_one_update_behind(monkeypatch):
+    """max_staleness 0: each step's rollout is generated by the weights it trains (generate, sync, generate,
+    sync ...), the synchronous loop. 1: the next step's rollout is submitted before the update, so the engine
+    generates it on the old weights while the step trains; every later step trains on samples exactly one update
+    old (versions per sample), never older; the prompts and seeds of each step are the same as at 0."""
+    sync_calls, sync_trained = run_rollouts(monkeypatch, 0)
+    assert sync_calls == [("generate", 100, 0), ("sync", 1), ("generate", 101, 1), ("sync", 2),
+                          ("generate", 102, 2), ("sync", 3), ("generate", 103, 3), ("sync", 4)]
+    assert [t["versions"] for t in sync_trained] == [[s] * 4 for s in range(4)]
+    assert all(t["staleness"] == [0.0] * 4 for t in sync_trained)
+
+    calls, trained = run_rollouts(monkeypatch, 1)
+    assert calls == [("generate", 100, 0), ("generate", 101, 0), ("sync", 1), ("generate", 102, 1), ("sync", 2),
+                     ("generate", 103, 2), ("sync", 3), ("sync", 4)]  # nothing generated past the last step
+    assert [t["versions"] for t in trained] == [[0] * 4, [0] * 4, [1] * 4, [2] * 4]
+    assert [t["staleness"] for t in trained] == [[0.0] * 4] + [[1.0] * 4] * 3
+    # The same prompts and seeds per step: what differs is only the weights that sampled step 2 onwards.
+    assert [s for c, s, *_ in calls if c == "generate"] == [s for c, s, *_ in sync_calls if c == "generate"]
+    assert trained[0]["tokens"] == sync_trained[0]["tokens"] and trained[1]["tokens"] != sync_trained[1]["tokens"]
+
+
+def test_staleness_is_bounded_and_needs_importance_weights(monkeypatch, small_data, tmp_path):
+    """A sample more than max_staleness updates old is refused, never trained on; a config asking for overlap
+    without the off-policy correction is refused by name."""
+    import raysmol.post.rollout as ro
+
+    calls, trained = run_rollouts(monkeypatch, 2, steps=3)
+    assert [t["staleness"][0] for t in trained] == [0.0, 1.0, 2.0]  # the pipeline two deep
+
+    original = ro.Rollouts._collect
+
+    def late(self, run):  # from the third step on, an engine answers from a version older than the bound
+        if self.version == 2:
+            run.version = 0
+            for group in run.pending.groups:
+                for s in group:
+                    s.version = 0
+        return original(self, run)
+
+    monkeypatch.setattr(ro.Rollouts, "_collect", late)
+    with pytest.raises(ro.EngineError, match="step 2 holds samples of policy version 0, more than grpo.max_staleness=1 behind the trained 2"):
+        run_rollouts(monkeypatch, 1, steps=3)
+    with pytest.raises(ConfigError, match="grpo.max_staleness: 1 trains on samples of older weights: it needs "
+                                          "logprobs: trainer and tis_cap"):
+        small_config(tmp_path, small_data, {"grpo.data": "builtin:arithmetic-small", "grpo.init_from": "x",
+                                            "grpo.max_staleness": 1})

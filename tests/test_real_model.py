@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from raysmol.model.folder import ModelFolderError, resolve_model
 from raysmol.model.gguf import gguf_to_hf
@@ -146,3 +147,49 @@ def test_sample_refuses_bad_prompt_files_by_line(tmp_path):
     txt = tmp_path / "p.txt"
     txt.write_text("Tell me a joke.\n\nWrite a haiku.\n")
     assert read_prompts(str(txt)) == [{"id": 0, "prompt": "Tell me a joke."}, {"id": 1, "prompt": "Write a haiku."}]
+
+
+def test_sft_fine_tunes_the_instruct_model_in_its_own_chat_template(ray_local, smollm2, tmp_path):
+    """Issue 17: SFT starts from the real model's weights and shape (no model section: 30 layers, 576 wide, 49,152
+    tokens), trains on its own chat template's assistant tokens, and exports a model with that template and
+    tokenizer. A pretrained start shows in the first validation loss (a fresh init would start near ln 49,152 =
+    10.8)."""
+    import random
+
+    import transformers
+
+    from raysmol import recipes
+    from raysmol.config import from_dict
+
+    r = random.Random(0)
+    data = tmp_path / "chat.jsonl"
+    with open(data, "w") as f:
+        for _ in range(64):
+            a, b = r.randint(10, 99), r.randint(10, 99)
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"Add {a} and {b}."},
+                                             {"role": "assistant", "content": f"{a} + {b} = {a + b}"}]}) + "\n")
+    cfg = from_dict({"run": {"name": "sft", "output_dir": str(tmp_path / "runs")},
+                     "sft": {"init_from": str(smollm2), "data": str(data), "val_fraction": 0.125},
+                     "optim": {"lr": 5e-5, "warmup_steps": 1, "schedule": "constant"},
+                     "train": {"steps": 3, "seq_len": 128, "micro_batch_size": 4, "global_batch_tokens": 512,
+                               "num_workers": 1, "zero_stage": 2, "checkpoint_every": 3, "eval_batches": 2,
+                               "eval_every": 3, "log_every": 1}}, origin="test")
+    summary = recipes.run("sft", cfg, show_progress=False)
+    assert summary["sft"]["conversations"] + summary["sft"]["val_conversations"] == 64
+    assert summary["sft"]["truncated"] == 0
+    assert summary["initial_val_loss"] < 1.5, summary  # measured: 0.58 (the answers follow from the questions)
+    assert summary["final_val_loss"] < summary["initial_val_loss"] / 2, summary  # measured: 0.053 after 3 steps
+
+    out = tmp_path / "runs" / "sft" / "hf"
+    model_cfg = json.loads((out / "config.json").read_text())
+    assert (model_cfg["num_hidden_layers"], model_cfg["hidden_size"], model_cfg["vocab_size"]) == (30, 576, 49152)
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert len(tok) == 49152 and tok.eos_token == "<|im_end|>"
+    text = tok.apply_chat_template([{"role": "user", "content": "Add 2 and 3."}], tokenize=False,
+                                   add_generation_prompt=True)
+    assert text.endswith("<|im_start|>user\nAdd 2 and 3.<|im_end|>\n<|im_start|>assistant\n")  # its own template
+    tuned = transformers.AutoModelForCausalLM.from_pretrained(out).state_dict()
+    start = transformers.AutoModelForCausalLM.from_pretrained(smollm2).state_dict()
+    moved = [k for k in start if not torch.equal(tuned[k], start[k])]
+    assert len(moved) > len(start) // 2  # trained (not a copy), and from the real weights (close to them):
+    assert max((tuned[k] - start[k]).abs().max().item() for k in start) < 0.05

@@ -166,6 +166,9 @@ def grpo(model: torch.nn.Module, batch: Batch, clip: float, kl_beta: float, logp
     adv = batch.extras["advantages"].to(logp.dtype)[:, None]
     per_token = -torch.min(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv)
     metrics = {**ratio_stats(ratio, mask), **logp_gap(engine, old, mask)}
+    if "staleness" in batch.extras:  # updates between the sampling weights and these, per completion
+        st = batch.extras["staleness"].float()
+        metrics.update(staleness_mean=st.mean(), staleness_max=st.max(), version_min=batch.extras["versions"].min())
     if tis_cap is not None:
         w = tis_weight(engine, old, tis_cap)
         per_token = per_token * w

@@ -8,6 +8,13 @@ ranks gather the weights (collective under ZeRO-3) and rank 0 hands them to ever
 the next rollout: through Ray's object store in buckets (grpo.weight_sync: object_store) or as a folder under
 the run directory (files). Every engine call and reward task has a timeout; a lost or stuck engine
 is replaced (serving the current weights) and the call is retried once.
+
+With grpo.max_staleness = k > 0 the rollouts of the next k steps are in flight while a step trains (one-step-off
+with k = 1, as NeMo-RL's async GRPO): each engine finishes them on the weights they started with (an actor runs
+its calls in order), then takes the update. Every sample carries the policy version that made it; the ratio's
+denominator is still the trainer's current weights (the proximal policy of decoupled PPO) and
+grpo.tis_cap weights each token by min(pi_proximal / pi_behaviour, cap), the behaviour being the engine's
+log-probs of the older weights.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -34,7 +42,7 @@ from raysmol.post.grpo import (completion_rows, group_advantages, grpo, read_pro
                                reward_function)
 from raysmol.rundir import run_dir
 from raysmol.serve.engines import EngineError, Sampling
-from raysmol.serve.pool import EnginePool, EngineTimeout
+from raysmol.serve.pool import EnginePool, EngineTimeout, Pending
 from raysmol.serve.sync import buckets
 from raysmol.train import checkpoint as ckpt
 from raysmol.train import export
@@ -60,6 +68,7 @@ class Rollouts(Hook):
         self.cfg, self.pool, self.train, self.held_out = cfg, pool, train, held_out
         self.run_dir, self.base = run_dir, base
         self.version = 0  # the policy version the engines serve (the training step whose weights they hold)
+        self.pending: dict[int, Launched] = {}  # rank 0: rollouts in flight, by data step (grpo.max_staleness)
         self.stats: dict[str, Any] = {}
 
     def attach(self, rank: int, world: int, device) -> "Rollouts":
@@ -86,12 +95,11 @@ class Rollouts(Hook):
         return self.train[order[i % n]]
 
     def micro_batches(self, step: int, rank: int, world: int, micro: int) -> list[Batch]:
-        g = self.cfg.grpo
         box: list[Any] = [None]
         if rank == 0:
-            box[0] = self._rollout([self._row(step * g.prompts_per_step + j) for j in range(g.prompts_per_step)], step)
+            box[0] = self._next_rollout(step)
         dist.broadcast_object_list(box, src=0)
-        packed, engine_lps, adv, rewards = box[0]
+        packed, engine_lps, adv, rewards, versions = box[0]
         per_rank = len(adv) // world  # whole groups: prompts_per_step % world == 0 (config validation)
         mine = np.arange(rank * per_rank, (rank + 1) * per_rank)
         out = []
@@ -100,7 +108,9 @@ class Rollouts(Hook):
             b = packed.batch(rows)
             b.extras = {"engine_logps": torch.from_numpy(engine_lps[rows]),
                         "advantages": torch.from_numpy(adv[rows]).float(),
-                        "rewards": torch.from_numpy(rewards[rows]).float()}
+                        "rewards": torch.from_numpy(rewards[rows]).float(),
+                        "versions": torch.from_numpy(versions[rows]).float(),
+                        "staleness": torch.from_numpy(self.version - versions[rows]).float()}
             out.append(b)
         return self.with_logps(out)
 
@@ -118,14 +128,48 @@ class Rollouts(Hook):
         self.stats["logps_s"] = time.perf_counter() - t0
         return batches
 
-    def _rollout(self, rows: list[dict], step: int):
-        g, t0 = self.cfg.grpo, time.perf_counter()
+    def _next_rollout(self, step: int):
+        """The rows of data step `step`. grpo.max_staleness = k: the rollouts of steps step..step + k are in flight
+        (the missing ones start now, on the weights the engines serve), so the engines generate the next steps'
+        while this one trains, and this step's samples come from a policy at most k updates old. k = 0: each
+        rollout starts and ends here, on the current weights (the synchronous loop)."""
+        # self.version updates so far: this is training step version + 1; none launches past the run's last step.
+        ahead = min(self.cfg.grpo.max_staleness, self.cfg.train.steps - self.version - 1)
+        for s in range(step, step + max(ahead, 0) + 1):
+            if s not in self.pending:
+                self._launch(s)
+        for s in [s for s in self.pending if s < step]:  # skipped by a rollback's data plan: never trained on
+            del self.pending[s]
+        return self._collect(self.pending.pop(step))
+
+    def _launch(self, step: int) -> None:
+        g = self.cfg.grpo
+        rows = [self._row(step * g.prompts_per_step + j) for j in range(g.prompts_per_step)]
         prompts = [render_prompt(self.tokenizer, r) for r in rows]
         sampling = Sampling(n=g.group_size, temperature=g.temperature, top_p=g.top_p, max_tokens=g.max_new_tokens,
                             seed=self.cfg.data.seed + step)
         self._drill(step + 1)
-        samples = self._generate(prompts, sampling)
-        t1 = time.perf_counter()
+        self.pending[step] = Launched(step, rows, prompts, sampling, self.version, self.pool.submit(prompts, sampling))
+
+    def _collect(self, run: Launched):
+        """The launched rollout's completions, scored, as training rows. A rollout whose engine was lost or stuck
+        is generated again on the current weights (on-policy)."""
+        t0 = time.perf_counter()
+        try:
+            samples = self.pool.collect(run.pending, timeout_s=self.cfg.grpo.rollout_timeout_s)
+            made_by = {s.version for group in samples for s in group}
+            if made_by != {run.version}:
+                raise EngineError(f"rollout of step {run.step}, launched on policy version {run.version}, got "
+                                  f"completions of version(s) {sorted(made_by)}: an engine missed a weight update")
+        except (EngineTimeout, EngineError) as e:
+            log.warning("rollout of step %d failed, generating it again on the current weights: %s", run.step, e)
+            samples = self._generate(run.prompts, run.sampling)
+        versions = np.asarray([s.version for group in samples for s in group], dtype=np.int64)
+        if self.version - versions.min() > self.cfg.grpo.max_staleness:
+            raise EngineError(f"rollout of step {run.step} holds samples of policy version {versions.min()}, more than "
+                              f"grpo.max_staleness={self.cfg.grpo.max_staleness} behind the trained {self.version}")
+        rows, prompts, t1 = run.rows, run.prompts, time.perf_counter()
+        self.stats["rollout_s"] = t1 - t0  # this step's wait for generation (a sync's wait for those in flight adds)
         rewards = np.asarray(self._rewards([[s.text for s in group] for group in samples], rows), dtype=np.float64)
         prompt_ids = [self.tokenizer(p)["input_ids"] for p in prompts]
         packed, old = completion_rows(prompt_ids, [[s.token_ids for s in grp] for grp in samples],
@@ -133,9 +177,9 @@ class Rollouts(Hook):
                                       self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
                                       else self.tokenizer.eos_token_id)
         adv = group_advantages(rewards).reshape(-1)
-        self.stats.update(rollout_s=t1 - t0, reward_s=time.perf_counter() - t1, engine_restarts=self.pool.restarts,
+        self.stats.update(reward_s=time.perf_counter() - t1, engine_restarts=self.pool.restarts,
                           groups_with_signal=float((rewards.std(1) > 0).mean()))
-        return packed, old, adv, rewards.reshape(-1)
+        return packed, old, adv, rewards.reshape(-1), versions
 
     def _drill(self, step: int) -> None:
         """faults.kill_engine_at_step: a lost engine actor (node gone, OOM), once per listed step."""
@@ -144,6 +188,16 @@ class Rollouts(Hook):
             storage.write_text(marker, str(step))
             log.warning("fault drill: killing engine actor 0 before the rollout of step %d", step)
             ray.kill(self.pool.actors[0], no_restart=True)
+
+    def _settle(self) -> None:
+        """Waits (rank 0) for the rollouts in flight to finish on the weights they started with, before a sync
+        replaces them; the wait is generation time the update did not hide (added to the step's `rollout_s`). A
+        failed one is generated again when its step comes (`_collect`)."""
+        refs = [r for run in self.pending.values() for r in run.pending.refs]
+        if refs:
+            t0 = time.perf_counter()
+            ray.wait(refs, num_returns=len(refs), timeout=self.cfg.grpo.rollout_timeout_s)
+            self.stats["rollout_s"] = self.stats.get("rollout_s", 0.0) + time.perf_counter() - t0
 
     def _generate(self, prompts: list[str], sampling: Sampling):
         for attempt in (1, 2):
@@ -180,9 +234,12 @@ class Rollouts(Hook):
     # ------------------------------------------------------------ weight sync
 
     def after_restore(self, ctx: Context) -> None:
-        """After a start, resume or rollback the engines serve the weights being trained."""
+        """After a start, resume or rollback the engines serve the weights being trained, and the rollouts in
+        flight (sampled from weights the run no longer follows) are dropped: the next step's rollout is
+        on-policy."""
         self.policy = ctx.engine  # what `with_logps` runs: the engine whose forward the loss takes
         self.sync(ctx.engine, ctx.model, ctx.step)
+        self.pending.clear()
 
     def after_update(self, ctx: Context) -> None:
         self.sync(ctx.engine, ctx.model, ctx.step)
@@ -191,6 +248,7 @@ class Rollouts(Hook):
         """Every engine serves the weights of `step` (collective: every rank calls it)."""
         sd = ckpt.full_state_dict(engine)
         if self.rank == 0 and not (step == 0 and self.version == 0 and self.pool.version == 0):
+            self._settle()
             t0 = time.perf_counter()
             timeout, files = self.cfg.grpo.sync_timeout_s, self.cfg.grpo.weight_sync == "files"
             if files:
@@ -306,6 +364,19 @@ class Rollouts(Hook):
 
     def shutdown(self) -> None:
         self.pool.shutdown()
+
+
+@dataclass
+class Launched:
+    """A rollout in flight: data step, its rows, prompts and sampling, the policy version the engines served when
+    it started (what its samples must report), and the pool's handle on it."""
+
+    step: int
+    rows: list[dict]
+    prompts: list[str]
+    sampling: Sampling
+    version: int
+    pending: Pending
 
 
 @torch.no_grad()

@@ -17,6 +17,7 @@ import logging
 import os
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import ray
@@ -29,6 +30,17 @@ logger = logging.getLogger(__name__)
 
 class EngineTimeout(TimeoutError):
     """An engine call ran past its timeout; the engine was killed and replaced."""
+
+
+@dataclass
+class Pending:
+    """A generation in flight (`EnginePool.submit`): one ObjectRef per engine slot, and the actors they went to
+    (a slot whose actor was replaced since is not killed again when its old call fails)."""
+
+    refs: list
+    slots: list[int]
+    actors: list
+    what: str
 
 
 class EngineActor:
@@ -96,9 +108,11 @@ class EnginePool:
             actor.sync.remote(self.refs, self.version)
         return actor
 
-    def _wait(self, refs: list, timeout: float, what: str, slots) -> list:
-        """ray.get with a deadline; engines that time out or died are replaced before the error is raised."""
+    def _wait(self, refs: list, timeout: float, what: str, slots, actors: list | None = None) -> list:
+        """ray.get with a deadline; engines that time out or died are replaced before the error is raised.
+        `actors`: the actors the calls went to, where they may have been replaced since."""
         slots = list(slots)
+        actors = actors or [self.actors[i] for i in slots]
         ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout)
         failed = {i: "timed out" for i, r in zip(slots, refs) if r in pending}
         results = []
@@ -114,10 +128,11 @@ class EnginePool:
             except ray.exceptions.RayTaskError as e:
                 raise e.as_instanceof_cause() from None  # the engine's own error (bad request): not a failure of it
         if failed:
-            for i in failed:
-                ray.kill(self.actors[i], no_restart=True)
-                self.actors[i] = self._start()
-                self.restarts += 1
+            for i, actor in zip(slots, actors):
+                if i in failed and self.actors[i] is actor:  # else it was replaced already, after this call left
+                    ray.kill(actor, no_restart=True)
+                    self.actors[i] = self._start()
+                    self.restarts += 1
             detail = ", ".join(f"engine {i} {why}" for i, why in sorted(failed.items()))
             err = EngineTimeout if any(w == "timed out" for w in failed.values()) else EngineError
             raise err(f"{self.kind} engine {what} failed (limit {timeout:.0f} s): {detail}; "
@@ -125,14 +140,21 @@ class EnginePool:
         return results
 
     def generate(self, prompts: list[str], sampling: Sampling, timeout_s: float | None = None) -> list[list[Sample]]:
-        if not prompts:
-            return []
+        return self.collect(self.submit(prompts, sampling), timeout_s) if prompts else []
+
+    def submit(self, prompts: list[str], sampling: Sampling) -> Pending:
+        """Starts generating (split across the engines) and returns at once. An engine runs its calls in order, so
+        a generation submitted before a weight sync samples from the weights before it."""
         k = min(len(self.actors), len(prompts))
         order = [(self._next + j) % len(self.actors) for j in range(k)]
         self._next = (self._next + k) % len(self.actors)
         bounds = [round(len(prompts) * j / k) for j in range(k + 1)]
         refs = [self.actors[i].generate.remote(prompts[bounds[j]:bounds[j + 1]], sampling) for j, i in enumerate(order)]
-        chunks = self._wait(refs, timeout_s or self.timeout_s, f"generate ({len(prompts)} prompts)", order)
+        return Pending(refs, order, [self.actors[i] for i in order], f"generate ({len(prompts)} prompts)")
+
+    def collect(self, pending: Pending, timeout_s: float | None = None) -> list[list[Sample]]:
+        """A submitted generation's completions, waiting at most the timeout from now (failed engines replaced)."""
+        chunks = self._wait(pending.refs, timeout_s or self.timeout_s, pending.what, pending.slots, pending.actors)
         return [s for chunk in chunks for s in chunk]
 
     def load(self, path: str, version: int, timeout_s: float | None = None, hang: tuple[int, ...] = ()) -> None:
