@@ -213,6 +213,7 @@ def test_overlapped_grpo_trains_one_update_behind_and_survives_a_lost_engine(ray
     assert [r["sync_check"]["greedy_match"] for r in steps] == [True] * 4
     assert all(0 < r["tis_weight_mean"] <= 2.0 and r["rollout_s"] >= 0 for r in steps)
     assert summary["steps"] == 4 and "eval/accuracy" in steps[-1]
+    assert summary["grpo"]["max_staleness"] == 1 and summary["grpo"]["staleness_mean"] == 0.5
 
 
 # ---------------------------------------------------------------- the ratio's denominator (issue 16, item 1)

@@ -461,4 +461,8 @@ def grpo_summary(rows: list[dict], rollouts: Rollouts) -> dict[str, Any]:
             "engine_restarts": max([r.get("engine_restarts", 0) for r in rows] + [0]),
             "sync_checks": sum(1 for r in rows if "sync_check" in r),
             "weight_sync": rollouts.cfg.grpo.weight_sync,
+            "max_staleness": rollouts.cfg.grpo.max_staleness,
+            "staleness_mean": float(np.mean(st)) if (st := [r["staleness_mean"] for r in train
+                                                            if "staleness_mean" in r]) else None,
+            "rollout_s_mean": float(np.mean(ro)) if (ro := [r["rollout_s"] for r in rows if "rollout_s" in r]) else None,
             "sync_s_mean": float(np.mean(syncs)) if (syncs := [r["sync_s"] for r in rows if "sync_s" in r]) else None}
