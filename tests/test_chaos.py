@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -86,6 +87,30 @@ def weights(uri: str) -> dict[str, torch.Tensor]:
     return load(storage.read_bytes(storage.join(uri, "hf", "model.safetensors")))
 
 
+def rows_of(run: str) -> list[dict]:
+    return [json.loads(x) for x in storage.read_text(storage.join(run, "metrics.jsonl")).splitlines()]
+
+
+def reference_run(head, bucket: str, logs: Path) -> tuple[str, float]:
+    """The uninterrupted run (its URI, its seconds). Once in CI (stop 24) it restarted with no fault injected, for
+    a cause that run did not leave behind: a restarted reference proves nothing, so it is run once more, and the
+    restart's record is printed as a warning for whoever reads the log."""
+    for attempt in range(2):
+        name = f"reference{attempt or ''}"
+        t0 = time.monotonic()
+        ref = start_driver(head, overrides(bucket, name, [], 0), logs / f"{name}.log")
+        assert ref.wait(timeout=900) == 0, (logs / f"{name}.log").read_text()[-5000:]
+        uri, seconds = f"{bucket}/runs/{name}", time.monotonic() - t0
+        rows = rows_of(uri)
+        if sum(r.get("event") == "start" for r in rows) == 1:
+            return uri, seconds
+        record = json.loads(storage.read_text(storage.join(uri, "summary.json")))["recovery"]
+        events = [r for r in rows if r.get("event") in ("start", "hang", "fault", "submit")]
+        warnings.warn(f"the reference run restarted with no fault injected: {json.dumps(record)}; "
+                      f"events: {json.dumps(events)}; log tail: {(logs / f'{name}.log').read_text()[-3000:]}")
+    raise AssertionError("the reference run restarted twice with no fault injected; see the warnings")
+
+
 def test_ten_faults_in_one_run_lose_nothing(s3_server, tmp_path_factory):
     bucket = s3_server.bucket("chaos")
     plan = schedule(SEED)
@@ -97,10 +122,8 @@ def test_ten_faults_in_one_run_lose_nothing(s3_server, tmp_path_factory):
         # One CPU each: the two ranks on two nodes and a spare, so losing a node keeps the world size (bit-exact).
         nodes = [stack.enter_context(private_node(head, 1, hide)) for _ in range(3)]
 
+        ref, clean_s = reference_run(head, bucket, logs)
         t0 = time.monotonic()
-        ref = start_driver(head, overrides(bucket, "reference", [], 0), logs / "reference.log")
-        assert ref.wait(timeout=900) == 0, (logs / "reference.log").read_text()[-5000:]
-        clean_s, t0 = time.monotonic() - t0, time.monotonic()
 
         run = f"{bucket}/runs/chaos"
         args = overrides(bucket, "chaos", plan, crash_rank)
@@ -124,14 +147,13 @@ def test_ten_faults_in_one_run_lose_nothing(s3_server, tmp_path_factory):
         chaos_s = time.monotonic() - t0
 
     # The weights of the uninterrupted run, bit for bit.
-    got, want = weights(run), weights(f"{bucket}/runs/reference")
+    got, want = weights(run), weights(ref)
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
     # The uninterrupted run spread over the cluster: its two ranks on two different worker nodes (the head has no
     # CPUs), writing one checkpoint on the bucket with both ranks' ZeRO shards.
-    ref_rows = [json.loads(x) for x in storage.read_text(f"{bucket}/runs/reference/metrics.jsonl").splitlines()]
-    (ref_start,) = [r for r in ref_rows if r.get("event") == "start"]
+    (ref_start,) = [r for r in rows_of(ref) if r.get("event") == "start"]
     assert len(set(ref_start["nodes"])) == 2 and ref_start["world_size"] == 2, ref_start
-    shards = storage.listdir(f"{bucket}/runs/reference/checkpoints/checkpoint_{STEPS:08d}/ds")
+    shards = storage.listdir(f"{ref}/checkpoints/checkpoint_{STEPS:08d}/ds")
     assert {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)} <= set(shards), shards
     # Every checkpoint kept is whole and matches its checksums.
     kept = sorted(n for n in storage.listdir(storage.join(run, "checkpoints")) if ckpt.step_of(n) is not None)
