@@ -245,6 +245,14 @@ def test_kept_checkpoint_survives_and_exports_land_at_their_steps(z3_run):
     ids = torch.arange(12).unsqueeze(0)
     with torch.no_grad():  # an earlier model than the final one
         assert not torch.allclose(model(input_ids=ids).logits, final(input_ids=ids).logits)
+    # Exports generate with a KV cache (training runs without one; that setting stays out of the export), and
+    # the cache changes nothing but the speed: the same greedy tokens as recomputing everything.
+    for m in (model, final):
+        assert m.config.use_cache and m.generation_config.use_cache
+        with torch.no_grad():
+            cached = m.generate(ids, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+            plain = m.generate(ids, max_new_tokens=6, do_sample=False, use_cache=False)
+        assert cached.past_key_values is not None and torch.equal(cached.sequences, plain)
 
 
 def test_each_export_gets_completions_of_the_runs_fixed_prompts(z3_run):

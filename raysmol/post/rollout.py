@@ -2,8 +2,9 @@
 
 Rank 0 of the training workers drives the engines: for step t it samples the step's prompts (n completions
 each, seeded by t), checks that every completion was made by the policy version it just pushed, scores each group
-in a Ray task, computes group-normalised advantages and broadcasts the rows; every rank recomputes its share's
-(whole groups) log-probs with its own weights, the ratio's denominator, and trains on it. After the update all
+in a Ray task, computes group-normalised advantages and broadcasts the rows; every rank trains on its share (whole groups),
+the ratio's denominator being its own log-probs under its weights before the update (the loss's forward,
+detached, or with grpo.recompute_logps a second forward). After the update all
 ranks gather the weights (collective under ZeRO-3) and rank 0 hands them to every engine as version t + 1 before
 the next rollout: through Ray's object store in buckets (grpo.weight_sync: object_store) or as a folder under
 the run directory (files). Every engine call and reward task has a timeout; a lost or stuck engine
@@ -115,14 +116,15 @@ class Rollouts(Hook):
         return self.with_logps(out)
 
     def with_logps(self, batches: list[Batch]) -> list[Batch]:
-        """Each row's log-probs under the trainer's current weights (`old_logps`) and, with kl_beta > 0, the
-        reference's (`ref_logps`). Called before the step's update, when the trainer holds exactly the weights
-        the engines sampled with: the ratio's denominator from the trainer's own forward (the loss's path, no
-        grad), so engine/trainer numerical differences never reach it (collective under ZeRO-3: every rank has
-        the same number of micro-batches)."""
+        """With grpo.recompute_logps, each row's log-probs under the trainer's current weights (`old_logps`), and
+        with kl_beta > 0 the reference's (`ref_logps`). Called before the step's update, when the trainer holds
+        exactly the weights the engines sampled with: the ratio's denominator from the trainer's own forward (the
+        loss's path, no grad), so engine/trainer numerical differences never reach it (collective under ZeRO-3:
+        every rank has the same number of micro-batches). Without it the loss takes its own forward's."""
         t0 = time.perf_counter()
         for b in batches:
-            b.extras["old_logps"] = _logps(self.policy, b, self.device)
+            if self.cfg.grpo.recompute_logps:  # else the loss takes its own forward's, detached
+                b.extras["old_logps"] = _logps(self.policy, b, self.device)
             if self.ref is not None:
                 b.extras["ref_logps"] = _logps(self.ref, b, self.device)
         self.stats["logps_s"] = time.perf_counter() - t0
@@ -329,7 +331,8 @@ class Rollouts(Hook):
             ids = tok(p, return_tensors="pt")["input_ids"]
             with torch.no_grad():
                 out = local.generate(ids, do_sample=False, max_new_tokens=self.cfg.grpo.max_new_tokens,
-                                     eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
+                                     eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id,
+                                     use_cache=True)  # as the engines generate
             new = out[0, ids.shape[1]:].tolist()
             want.append(new[:new.index(tok.eos_token_id) + 1] if tok.eos_token_id in new else new)
         match = [g[0].token_ids == w for g, w in zip(got, want)]

@@ -211,7 +211,8 @@ class TransformersEngine(Engine):
                 top_p=None if greedy else sampling.top_p, top_k=None, max_new_tokens=sampling.max_tokens,
                 min_new_tokens=sampling.min_tokens or None, num_return_sequences=sampling.n,
                 stop_strings=list(sampling.stop) or None, tokenizer=tok if sampling.stop else None,
-                pad_token_id=tok.pad_token_id, eos_token_id=eos, output_logits=True, return_dict_in_generate=True)
+                pad_token_id=tok.pad_token_id, eos_token_id=eos, output_logits=True, return_dict_in_generate=True,
+                use_cache=True)  # older raysmol exports say use_cache: false; a KV cache is always right here
         new = out.sequences[:, batch["input_ids"].shape[1]:]
         # Raw logits -> log-probabilities of the chosen tokens (before temperature and top-p, as vLLM reports).
         logp = torch.stack(out.logits, 1).float().log_softmax(-1).gather(-1, new[..., None])[..., 0]

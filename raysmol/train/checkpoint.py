@@ -230,9 +230,22 @@ def consolidated_state_dict(folder: Path, zero_stage: int, train_dtype: torch.dt
 
 
 def export_hf(model, state_dict: dict[str, torch.Tensor], folder: Path) -> None:
-    """save_pretrained with float32 weights (the master copy; bf16 training keeps fp32 masters)."""
+    """save_pretrained with float32 weights (the master copy; bf16 training keeps fp32 masters), configured for
+    generation: training builds its models with use_cache off (packed sequences, no cache to hold), and without
+    this the exported generation_config.json carried that over, so every `generate` on the export (the
+    transformers engines, a user's) recomputed the whole sequence for each new token."""
     sd = {k: v.float() for k, v in state_dict.items()}
-    model.save_pretrained(str(folder), state_dict=sd)
+    gen = getattr(model, "generation_config", None)
+    before = model.config.use_cache, getattr(gen, "use_cache", None)
+    model.config.use_cache = True
+    if gen is not None:
+        gen.use_cache = True
+    try:
+        model.save_pretrained(str(folder), state_dict=sd)
+    finally:
+        model.config.use_cache = before[0]
+        if gen is not None:
+            gen.use_cache = before[1]
 
 
 def _write_json(path: Path, obj: Any) -> None:
