@@ -34,7 +34,7 @@ TRL is not a dependency of raysmol: `pip install -e '.[bench]'` installs it (TRL
 
     .venv/bin/python benchmarks/grpo.py [--models sft_tiny,smollm2] [--rows sync,overlap,trl] [--out DIR]
         [--steps N] [--prompts N] [--group N] [--max-new-tokens N] [--seq-len N] [--micro N] [--lr X]
-        [--workers sync=2,overlap=1] [--engine-cpus sync=2,overlap=1] [--worker-soft-limit 16]
+        [--workers sync=2,overlap=1] [--threads 1] [--engine-cpus sync=2,overlap=1]
 """
 
 from __future__ import annotations
@@ -61,17 +61,20 @@ TESTS_SMOLLM2 = Path.home() / ".cache" / "raysmol-tests" / "smollm2-135m-instruc
 # a shared machine); on SmolLM2, whose update dominates, 2 trainers + 1 engine thread (13.8 s against 16.7 s).
 SIZES = {
     "sft_tiny": {"steps": 20, "prompts": 8, "group": 8, "max_new_tokens": 12, "seq_len": 48, "micro": 16,
-                 "lr": 3e-4, "warmup": 5, "workers": "sync=2,overlap=1", "engine_cpus": "sync=2,overlap=1"},
+                 "lr": 3e-4, "warmup": 5, "workers": "sync=2,overlap=1", "engine_cpus": "sync=2,overlap=1",
+                 "threads": "1"},
     "smollm2": {"steps": 8, "prompts": 4, "group": 4, "max_new_tokens": 16, "seq_len": 80, "micro": 8,
-                "lr": 2e-6, "warmup": 0, "workers": "sync=2,overlap=2", "engine_cpus": "sync=2,overlap=1"},
+                "lr": 2e-6, "warmup": 0, "workers": "sync=2,overlap=2", "engine_cpus": "sync=2,overlap=1",
+                "threads": "1"},
 }
 SIZE_FLAGS = {"steps": int, "prompts": int, "group": int, "max_new_tokens": int, "seq_len": int, "micro": int,
-              "lr": float, "warmup": int, "workers": str, "engine_cpus": str}
+              "lr": float, "warmup": int, "workers": str, "engine_cpus": str, "threads": str}
 SIZE_HELP = {"steps": "optimizer steps", "prompts": "prompts per step", "group": "completions per prompt",
              "max_new_tokens": "tokens per completion at most", "seq_len": "train.seq_len (prompt + completion)",
              "micro": "completions per forward/backward", "lr": "peak learning rate (constant after warm-up)",
              "warmup": "linear warm-up steps",
-             "workers": "raysmol trainer workers (1 torch thread each): N, or per row as sync=N,overlap=M",
+             "workers": "raysmol trainer workers: N, or per row as sync=N,overlap=M",
+             "threads": "torch threads per raysmol trainer worker: N, or per row as sync=N,overlap=M",
              "engine_cpus": "the raysmol engine's CPUs (its torch threads): N, or per row as sync=N,overlap=M"}
 
 
@@ -152,6 +155,7 @@ def grpo_config(model: str, folder: Path, size: dict, row: str, args, run_root: 
         "train.steps": s["steps"], "train.seq_len": s["seq_len"], "train.micro_batch_size": s["micro"],
         "train.global_batch_tokens": s["prompts"] * s["group"] * s["seq_len"],
         "train.num_workers": per_row(s["workers"], res),
+        "train.cpu_threads_per_worker": per_row(s["threads"], res),
         "train.checkpoint_every": s["steps"], "train.eval_every": 0, "optim.lr": s["lr"],
         "optim.warmup_steps": s["warmup"],
     }
@@ -185,20 +189,16 @@ def step_prompts(cfg) -> list[dict]:
 def run_raysmol(model: str, folder: Path, size: dict, row: str, args, out: Path) -> dict:
     import ray
 
-    from raysmol import recipes
+    from raysmol import recipes, runtime
 
     run_root = out / model
     shutil.rmtree(run_root / row, ignore_errors=True)
     cfg = grpo_config(model, folder, size, row, args, run_root)
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # a run's end is noticed 2 s late otherwise
-    if args.worker_soft_limit:
-        # Ray keeps at most this many idle worker processes (default: its logical CPUs, all held here by trainers
-        # and the engine): without room, the reward tasks' workers are killed once idle and every step's scoring
-        # starts them again, importing torch (~12 s a step on 2 loaded cores, measured; 0.02 s with room).
-        os.environ["RAY_num_workers_soft_limit"] = str(args.worker_soft_limit)
-    # Logical CPUs = what the row reserves: the trainers (1 each) and the engine; torch threads follow them.
+    # Logical CPUs = what the row reserves: the trainers (1 each) and the engine; torch threads follow them. The
+    # local cluster raysmol starts (runtime.init_ray) keeps the reward tasks' workers warm though every CPU is held.
     workers, engine_cpus = cfg.train.num_workers, int(cfg.grpo.cpus_per_engine)
-    ray.init(address="local", num_cpus=workers + engine_cpus, log_to_driver=False)
+    runtime.init_ray(num_cpus=workers + engine_cpus)
     t0 = time.perf_counter()
     summary = recipes.run("grpo", cfg, show_progress=False)
     wall = time.perf_counter() - t0
@@ -215,8 +215,7 @@ def run_raysmol(model: str, folder: Path, size: dict, row: str, args, out: Path)
             "run_dir": str(run_root / row),
             "setup": f"{workers} trainer worker(s) x {cfg.train.cpu_threads_per_worker} torch thread (ZeRO-"
                      f"{cfg.train.zero_stage}) + {cfg.grpo.num_engines} {cfg.grpo.engine} engine x "
-                     f"{engine_cpus} thread(s), Ray {workers + engine_cpus} logical CPUs, "
-                     f"RAY_num_workers_soft_limit={args.worker_soft_limit or 'default'}"}
+                     f"{engine_cpus} thread(s), Ray {workers + engine_cpus} logical CPUs"}
 
 
 def run_trl(model: str, folder: Path, size: dict, args, out: Path) -> dict:
@@ -344,7 +343,7 @@ def child(argv: list[str], log: Path) -> None:
 
 
 def per_row(value: str, row: str) -> int:
-    """--workers / --engine-cpus: one number for every raysmol row, or sync=N,overlap=M."""
+    """--workers / --threads / --engine-cpus: one number for every raysmol row, or sync=N,overlap=M."""
     if "=" not in value:
         return int(value)
     given = dict(kv.split("=", 1) for kv in value.split(","))
@@ -435,8 +434,6 @@ def parse(argv: list[str] | None = None):
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of {', '.join(ROWS)}")
     p.add_argument("--out", default=str(REPO / "runs" / "bench_grpo"), help="results, plots, run directories")
     p.add_argument("--cache", default=str(Path.home() / ".cache" / "raysmol-bench"), help="built models")
-    p.add_argument("--worker-soft-limit", type=int, default=16,
-                   help="RAY_num_workers_soft_limit for the raysmol rows (0: Ray's default, its logical CPUs)")
     for k, kind in SIZE_FLAGS.items():
         p.add_argument(f"--{k.replace('_', '-')}", type=kind, default=None,
                        help=SIZE_HELP[k] + "; per-model default: " + ", ".join(f"{m} {SIZES[m][k]}" for m in MODELS))

@@ -324,8 +324,14 @@ class GRPOConfig:
     """Weight of the KL penalty to the init_from model (0 = none, and no reference model is kept)."""
     logprobs: Literal["trainer", "engine"] = "trainer"
     """The ratio's denominator. trainer: the trainer's own log-probs of the sampled tokens under the weights that
-    sampled them, recomputed before the step's update (verl's way: the ratio is exactly 1 on-policy whatever the
-    engine's kernels and precision); engine: the log-probs the engine reported while sampling."""
+    sampled them (verl's way: the ratio is exactly 1 on-policy whatever the engine's kernels and precision; see
+    recompute_logps); engine: the log-probs the engine reported while sampling."""
+    recompute_logps: bool = False
+    """Where logprobs: trainer takes the denominator. raysmol makes one update per rollout, so the weights that
+    sampled (overlapped: the current ones) are those of the loss's own forward: false takes that forward's
+    log-probs, detached (TRL's way with num_iterations=1); true recomputes them in a second forward (no grad)
+    before the step's update, as verl does for its several updates per rollout. The same loss and gradients bit
+    for bit (tested); false saves one forward per step."""
     tis_cap: float | None = None
     """Truncated importance sampling (Yao et al. 2025): weight each token's surrogate by
     min(exp(trainer - engine log-prob), tis_cap), correcting for the engine sampling from a slightly different

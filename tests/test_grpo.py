@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -161,6 +162,50 @@ def test_reward_tasks_score_every_group_in_order(ray_local, small_data, base, tm
     assert rollouts._rewards(texts, rows)[4:7] == [[1.0, 0.0, 1.0], [0.0] * 3, [1.0, 0.0, 1.0]]
 
 
+WARM_WORKER_PROBE = """
+import json, os, time
+import ray
+from raysmol.runtime import init_ray
+
+init_ray(num_cpus=2)
+
+@ray.remote(num_cpus=1)
+class Holder:  # a trainer or an engine: every logical CPU held
+    def pid(self):
+        return os.getpid()
+
+holders = [Holder.remote() for _ in range(2)]
+ray.get([h.pid.remote() for h in holders])
+
+@ray.remote(num_cpus=0)  # as grpo.reward_cpus=0 scores
+def score():
+    time.sleep(0.5)  # long enough that the step's 4 tasks (grpo.reward_tasks) run at once, on 4 workers
+    return os.getpid()
+
+pids = []
+for _ in range(3):
+    pids.append(sorted(ray.get([score.remote() for _ in range(4)])))
+    time.sleep(3)  # an update's length: longer than Ray's idle-worker kill threshold (1 s)
+print("PIDS", json.dumps(pids))
+"""
+
+
+def test_reward_task_workers_stay_warm_when_actors_hold_every_cpu(tmp_path):
+    """The local cluster keeps a step's reward task workers alive though trainers and engines hold every logical
+    CPU: with Ray's default (keep as many idle workers as logical CPUs) the workers of the grpo.reward_tasks=4
+    tasks beyond 2 CPUs were killed after each step and started again, importing torch, for the next."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_num_workers_soft_limit")}
+    out = subprocess.run([sys.executable, "-c", WARM_WORKER_PROBE], env=env, capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (line,) = [x for x in out.stdout.splitlines() if x.startswith("PIDS")]
+    pids = json.loads(line.split(" ", 1)[1])
+    assert len(set(pids[0])) == 4 and pids[1] == pids[2] == pids[0], f"reward task workers restarted: {pids}"
+
+
 def test_grpo_tiny_job_is_valid():
     from raysmol.config import load_config
 
@@ -225,16 +270,14 @@ def tiny_llama(seed: int = 0) -> transformers.LlamaForCausalLM:
         num_key_value_heads=1, max_position_embeddings=32))
 
 
-def test_the_ratio_is_exactly_one_before_the_steps_update(monkeypatch):
-    """Rollouts.micro_batches (the loop's data source) recomputes old_logps with the trainer's weights, and the
-    objective the loop runs finds ratio == 1 exactly on the step's first micro-batch, although the engine (a
-    bfloat16 copy, as vLLM's `auto` serves a float32 checkpoint) reported other log-probs."""
+def engine_sampled_micro_batches(monkeypatch, recompute: bool = True):
+    """The trainer's model and Rollouts.micro_batches (the loop's data source) for two groups sampled by an
+    engine that is a bfloat16 copy of it (as vLLM's `auto` serves a float32 checkpoint)."""
     import copy
     from types import SimpleNamespace
 
     from raysmol.post import rollout
-    from raysmol.post.rollout import GRPO, Rollouts
-    from raysmol.train.objectives import to_device
+    from raysmol.post.rollout import Rollouts
 
     model = tiny_llama().train()  # the loop's engine is in training mode
     engine = copy.deepcopy(model).to(torch.bfloat16).eval()
@@ -249,7 +292,8 @@ def test_the_ratio_is_exactly_one_before_the_steps_update(monkeypatch):
             engine_lps.append(lps)
     packed, engine_rows = completion_rows(prompts, completions, engine_lps, seq_len=10, pad_id=0)
     rollouts = Rollouts.__new__(Rollouts)
-    rollouts.cfg = SimpleNamespace(grpo=SimpleNamespace(prompts_per_step=2), data=SimpleNamespace(seed=0))
+    rollouts.cfg = SimpleNamespace(grpo=SimpleNamespace(prompts_per_step=2, recompute_logps=recompute),
+                                   data=SimpleNamespace(seed=0))
     rollouts.train, rollouts.ref, rollouts.stats, rollouts.device = [{}] * 4, None, {}, torch.device("cpu")
     rollouts.policy = model  # what after_restore sets: the engine the loss runs on
     rollouts.version = 0
@@ -258,13 +302,32 @@ def test_the_ratio_is_exactly_one_before_the_steps_update(monkeypatch):
     monkeypatch.setattr(rollout.dist, "broadcast_object_list", lambda box, src: None)  # one rank
     mbs = rollouts.micro_batches(0, rank=0, world=1, micro=2)
     assert torch.equal(mbs[0].extras["engine_logps"], torch.from_numpy(engine_rows[:2]))
+    return model, mbs
+
+
+def grpo_objective(logprobs: str = "trainer"):
+    from types import SimpleNamespace
+
+    from raysmol.post.rollout import GRPO
+
+    return GRPO.objective(None, SimpleNamespace(grpo=SimpleNamespace(clip=0.2, kl_beta=0.0, logprobs=logprobs,
+                                                                     tis_cap=None)))
+
+
+def test_the_ratio_is_exactly_one_before_the_steps_update(monkeypatch):
+    """Rollouts.micro_batches recomputes old_logps with the trainer's weights, and the objective the loop runs
+    finds ratio == 1 exactly on the step's first micro-batch, although the engine reported other log-probs."""
+    import copy
+
+    from raysmol.train.objectives import to_device
+
+    model, mbs = engine_sampled_micro_batches(monkeypatch)
 
     def first_two(logprobs: str) -> list[dict]:
         """The loop's per-micro-batch calls (train_step), with an update after each to show the second moves."""
         policy = copy.deepcopy(model)
         opt = torch.optim.SGD(policy.parameters(), lr=1.0)
-        objective = GRPO.objective(None, SimpleNamespace(grpo=SimpleNamespace(
-            clip=0.2, kl_beta=0.0, logprobs=logprobs, tis_cap=None)))
+        objective = grpo_objective(logprobs)
         out = []
         for mb in mbs:
             loss, metrics = objective(policy, to_device(mb, "cpu", policy))
@@ -281,6 +344,31 @@ def test_the_ratio_is_exactly_one_before_the_steps_update(monkeypatch):
     assert float(second["ratio_max"]) != 1.0  # ... and an update does move the ratio (the check is not vacuous)
     # Against the engine's log-probs the on-policy ratio is off by the engine's rounding.
     assert float(first_two("engine")[0]["ratio_max"]) != 1.0
+
+
+def test_without_the_recompute_a_step_is_the_same_bit_for_bit(monkeypatch):
+    """grpo.recompute_logps: false leaves old_logps to the loss's own forward (no second forward): the loop's step
+    (every micro-batch's gradient accumulated, then one update) gets the same losses, metrics and gradients."""
+    import copy
+
+    from raysmol.train.objectives import to_device
+
+    def step(recompute: bool):
+        model, mbs = engine_sampled_micro_batches(monkeypatch, recompute)
+        assert ("old_logps" in mbs[0].extras) == recompute
+        policy, objective, out = copy.deepcopy(model), grpo_objective(), []
+        for mb in mbs:
+            loss, metrics = objective(policy, to_device(mb, "cpu", policy))
+            loss.backward()
+            out.append({"loss": loss.detach(), **{k: v.detach() for k, v in metrics.items()}})
+        return out, {n: p.grad for n, p in policy.named_parameters()}
+
+    (with_metrics, with_grads), (without_metrics, without_grads) = step(True), step(False)
+    assert with_metrics[0].keys() == without_metrics[0].keys() and len(with_metrics) == 2
+    for a, b in zip(with_metrics, without_metrics):
+        assert all(torch.equal(a[k], b[k]) for k in a), {k: (a[k], b[k]) for k in a if not torch.equal(a[k], b[k])}
+    assert all(torch.equal(with_grads[n], without_grads[n]) for n in with_grads)
+    assert any(float(g.abs().sum()) > 0 for g in with_grads.values())  # a real update, not zeros on both sides
 
 
 def test_engine_trainer_gap_and_ratio_metrics_equal_a_hand_computation():
@@ -463,7 +551,7 @@ def run_rollouts(monkeypatch, max_staleness: int, steps: int = 4):
     r.cfg = SimpleNamespace(
         grpo=SimpleNamespace(prompts_per_step=2, group_size=2, temperature=1.0, top_p=1.0, max_new_tokens=2,
                              max_staleness=max_staleness, rollout_timeout_s=5, sync_timeout_s=5,
-                             weight_sync="object_store", verify_sync=False),
+                             weight_sync="object_store", verify_sync=False, recompute_logps=True),
         data=SimpleNamespace(seed=100), train=SimpleNamespace(seq_len=8, steps=steps),
         faults=SimpleNamespace(at=lambda key, step: False))
     r.pool, r.train, r.held_out, r.run_dir = InOrderPool(), [{"prompt": f"p{i}"} for i in range(6)], [], "unused"

@@ -106,6 +106,7 @@ def test_grpo_on_a_node_with_its_own_disk_survives_a_lost_engine_and_a_crash(clu
                            f"grpo.data={prompts}", "grpo.reward=tests.grpo_rewards:digits", "grpo.group_size=4",
                            "grpo.prompts_per_step=2", "grpo.eval_prompts=4", "grpo.verify_sync=true", "optim.lr=1e-2",
                            "grpo.weight_sync=files",  # the fallback for nodes without a shared object store
+                           "grpo.recompute_logps=true",  # verl's second forward (the default takes the loss's)
                            "optim.warmup_steps=0", "train.num_workers=1", "train.steps=3", "train.checkpoint_every=2",
                            "train.eval_every=3", "train.global_batch_tokens=384", "train.micro_batch_size=2",
                            "faults.kill_engine_at_step=2", "faults.crash_at_step=3"])

@@ -154,14 +154,17 @@ def grpo(model: torch.nn.Module, batch: Batch, clip: float, kl_beta: float, logp
     """GRPO's clipped surrogate (Shao et al. 2024): one row per completion, labels on its tokens only.
 
     extras: `advantages` [m] (group-normalised rewards), `old_logps` [m, L] (the trainer's log-probs of the same
-    tokens under the weights that sampled them), `engine_logps` [m, L] (the engine's, as it reported them while
+    tokens under the weights that sampled them; absent: this forward's, detached), `engine_logps` [m, L] (the engine's, as it reported them while
     sampling), `rewards` [m] (logged), and with kl_beta > 0 `ref_logps` [m, L]. The ratio divides by `old_logps`
     (logprobs="trainer") or `engine_logps` ("engine"); with `tis_cap` each token's surrogate is weighted by
     min(exp(old - engine), tis_cap) (raysmol/post/importance.py). Per token: -min(ratio * A, clip(ratio,
     1 - clip, 1 + clip) * A) (+ kl_beta * k3 KL estimate), averaged over each completion's tokens, then over
     completions."""
     logp, mask = token_logps(model, batch)
-    old, engine = (batch.extras[k].to(logp.dtype) for k in ("old_logps", "engine_logps"))
+    engine = batch.extras["engine_logps"].to(logp.dtype)
+    # Without a recomputed `old_logps` (grpo.recompute_logps: false) the weights that sampled are these, before
+    # the step's one update: this forward's own log-probs, detached.
+    old = batch.extras["old_logps"].to(logp.dtype) if "old_logps" in batch.extras else logp.detach()
     ratio = torch.exp(logp - (old if logprobs == "trainer" else engine))
     adv = batch.extras["advantages"].to(logp.dtype)[:, None]
     per_token = -torch.min(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv)
