@@ -377,6 +377,9 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(small_da
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("raysmol").experiment_id])
     assert sorted(r.info.run_name for r in runs) == sorted(trials)
+    # The trial ASHA stopped never closed its run (its workers were killed): the sweep marks it KILLED.
+    assert {r.info.run_name: r.info.status for r in runs} == {
+        "baseline-s0": "FINISHED", "lr_x1.1-s0": "FINISHED", "lr_x300-s0": "KILLED"}
     for name in trials:
         rows = [json.loads(x) for x in (sweep / "trials" / name / "metrics.jsonl").read_text().splitlines()]
         want = expected_scalars(rows)

@@ -111,6 +111,31 @@ def test_a_resumed_run_continues_the_same_tracked_runs_without_a_step_twice(tmp_
     assert len(client.search_runs([client.get_experiment_by_name("raysmol").experiment_id])) == 1
 
 
+def test_a_run_ended_from_outside_gets_its_final_mlflow_status_and_a_closed_one_keeps_its_own(tmp_path):
+    """A sweep trial ASHA stopped never reaches teardown (its workers are killed): end_mlflow_run marks its run
+    KILLED; a run its loop closed stays FINISHED; a run directory that tracked nothing is left as it is."""
+    from mlflow import MlflowClient
+
+    cfg = config(tmp_path, ["mlflow"])
+    killed, closed = tmp_path / "runs" / "killed", tmp_path / "runs" / "closed"
+    for d in (killed, closed):
+        d.mkdir(parents=True)
+    ctx = Context(cfg, 0, 1, None, str(killed), log=lambda r: None, step=0)
+    hooks = Hooks([Trackers(cfg)])
+    hooks.call("setup", ctx)
+    hooks.call("after_restore", ctx)
+    hooks.logged(ctx, rows([1])[1])  # no teardown: the worker was killed here
+    attempt(cfg, closed, 0, rows([1, 2]))
+    status = {}
+    for d in (killed, closed):
+        state = json.loads((d / trackers.STATE_FILE).read_text())["mlflow"]
+        status[d.name] = lambda s=state: MlflowClient(s["uri"]).get_run(s["run_id"]).info.status
+    assert status["killed"]() == "RUNNING" and status["closed"]() == "FINISHED"
+    for d in (killed, closed, tmp_path / "runs" / "untracked"):
+        trackers.end_mlflow_run(str(d), "KILLED")
+    assert status["killed"]() == "KILLED" and status["closed"]() == "FINISHED"
+
+
 def test_a_rollback_replaces_the_rerun_steps_in_tensorboard(tmp_path):
     cfg = config(tmp_path, ["tensorboard"])
     run_dir = tmp_path / "runs" / "r"

@@ -27,6 +27,7 @@ from raysmol import ledger, storage
 from raysmol.ablate import report
 from raysmol.ablate.spec import AblationSpec, Trial, load_ablation
 from raysmol.config import Config, from_dict
+from raysmol.train import trackers
 
 log = logging.getLogger(__name__)
 # A trial's driver only polls metrics; Tune cannot schedule a trial that asks for nothing.
@@ -199,6 +200,8 @@ def _outcomes(spec: AblationSpec, trials: list[Trial], grid) -> list[dict[str, A
         seconds = float((res.metrics or {}).get("time_total_s") or 0.0)
         if status != "completed":
             _book_attempt(t, rd, status, stopped_at, seconds)
+        if status in ("stopped", "error"):  # an interrupted trial's run goes on when the sweep resumes
+            trackers.end_mlflow_run(rd, "KILLED" if status == "stopped" else "FAILED")
         out.append({"name": t.name, "variant": t.variant, "seed": t.seed, "run_dir": rd, "status": status,
                     "stopped_at_step": stopped_at, "steps": t.config.train.steps, "seconds": seconds,
                     "error": str(res.error) if res.error is not None else None, "history": hist})

@@ -288,6 +288,22 @@ class Trackers(Hook):
             storage.write_text(storage.join(ctx.run_dir, STATE_FILE), json.dumps(state, indent=1))
 
 
+def end_mlflow_run(run_dir: str, status: str) -> None:
+    """Give the MLflow run of a run ended from outside its loop its final status (KILLED, FAILED): a sweep trial
+    ASHA stopped has its workers killed, so `teardown` never closed the run, and MLflow would show it RUNNING."""
+    uri = storage.join(run_dir, STATE_FILE)
+    state = json.loads(storage.read_text(uri)).get("mlflow") if storage.exists(uri) else None
+    if not state:
+        return
+    from mlflow import MlflowClient
+
+    if state["uri"].startswith("file:"):
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = MlflowClient(state["uri"])
+    if client.get_run(state["run_id"]).info.status == "RUNNING":
+        client.set_terminated(state["run_id"], status)
+
+
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
