@@ -44,8 +44,9 @@ def rows(steps, seed=0.0):
     return [r for r in out if r["step"] in (0, *steps)]
 
 
-def attempt(cfg, run_dir, start, logged):
-    """One worker attempt as the loop drives it: setup, after_restore at `start`, rows, checkpoints, teardown."""
+def attempt(cfg, run_dir, start, logged, teardown=True):
+    """One worker attempt as the loop drives it: setup, after_restore at `start`, rows, checkpoints, teardown
+    (none: the worker was killed)."""
     ctx = Context(cfg, 0, 1, None, str(run_dir), log=lambda r: None, step=start)
     hooks = Hooks([Trackers(cfg)])
     hooks.call("setup", ctx)
@@ -54,7 +55,8 @@ def attempt(cfg, run_dir, start, logged):
         hooks.logged(ctx, r)
         if r["step"] % 2 == 0:
             hooks.call("after_checkpoint", ctx)
-    hooks.call("teardown", ctx)
+    if teardown:
+        hooks.call("teardown", ctx)
 
 
 def read_all(run_dir):
@@ -120,11 +122,7 @@ def test_a_run_ended_from_outside_gets_its_final_mlflow_status_and_a_closed_one_
     killed, closed = tmp_path / "runs" / "killed", tmp_path / "runs" / "closed"
     for d in (killed, closed):
         d.mkdir(parents=True)
-    ctx = Context(cfg, 0, 1, None, str(killed), log=lambda r: None, step=0)
-    hooks = Hooks([Trackers(cfg)])
-    hooks.call("setup", ctx)
-    hooks.call("after_restore", ctx)
-    hooks.logged(ctx, rows([1])[1])  # no teardown: the worker was killed here
+    attempt(cfg, killed, 0, rows([1]), teardown=False)
     attempt(cfg, closed, 0, rows([1, 2]))
     status = {}
     for d in (killed, closed):

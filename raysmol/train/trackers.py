@@ -129,14 +129,18 @@ class MLflow(Tracker):
                               f"is object storage ({cfg.run.output_dir}): a tracking server's URI (http://host:5000)")
         return "file://" + os.path.join(os.path.abspath(os.path.expanduser(cfg.run.output_dir)), "mlruns")
 
-    def open(self, state: dict[str, Any], step: int) -> None:
+    @staticmethod
+    def client_for(uri: str):
         from mlflow import MlflowClient
 
-        uri = self.uri(self.cfg)
         if uri.startswith("file:"):
             # MLflow 3 keeps its file store only on request; it needs no server, which a laptop or CI run lacks.
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-        self.client = MlflowClient(uri)
+        return MlflowClient(uri)
+
+    def open(self, state: dict[str, Any], step: int) -> None:
+        uri = self.uri(self.cfg)
+        self.client = self.client_for(uri)
         self.logged_through = state.get("logged_through", -1)
         if state.get("run_id") and state.get("uri") == uri:
             self.run_id = state["run_id"]
@@ -295,11 +299,7 @@ def end_mlflow_run(run_dir: str, status: str) -> None:
     state = json.loads(storage.read_text(uri)).get("mlflow") if storage.exists(uri) else None
     if not state:
         return
-    from mlflow import MlflowClient
-
-    if state["uri"].startswith("file:"):
-        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-    client = MlflowClient(state["uri"])
+    client = MLflow.client_for(state["uri"])
     if client.get_run(state["run_id"]).info.status == "RUNNING":
         client.set_terminated(state["run_id"], status)
 
