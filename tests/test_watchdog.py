@@ -25,13 +25,15 @@ def config(watchdog: dict, train: dict | None = None):
                        + [f"train.{k}={v}" for k, v in (train or {}).items()])
 
 
-def drive(tmp_path: Path, watchdog: dict, steps: int, step_s: float, **train) -> tuple[Watchdog, float, list]:
+def drive(tmp_path: Path, watchdog: dict, steps: int, step_s: float, report_timeout_s: float = 45.0,
+          **train) -> tuple[Watchdog, float, list]:
     """A loop thread: `steps` plain steps of `step_s` seconds through the watchdog's events, then it blocks.
     Returns the watchdog, the seconds from the blocked step's start to the exit call, and the exit statuses."""
     cfg = config(watchdog, {"steps": 100, "checkpoint_every": 50, **train})
     exits, release, box = [], threading.Event(), {}
     wd = Watchdog(cfg.watchdog, exit_fn=lambda status: (exits.append(status), box.update(t=time.monotonic()),
-                                                       release.set()), poll_s=0.05)
+                                                       release.set()), poll_s=0.05,
+                  report_timeout_s=report_timeout_s)
     ctx = Context(cfg, rank=1, world=2, device=None, run_dir=str(tmp_path / "run"), log=lambda row: None)
 
     def loop():
@@ -73,6 +75,20 @@ def test_a_rank_waiting_in_a_collective_gives_the_rank_it_waits_on_time_to_repor
     wd, detected, exits = drive(tmp_path, {"step_timeout_s": 0.4}, steps=3, step_s=0.01)
     assert exits == [EXIT_STATUS] and wd.hang["collective"] is True
     assert 0.4 * watchdog.VICTIM_GRACE <= detected < 0.4 * watchdog.VICTIM_GRACE + 0.5
+
+
+@pytest.mark.fast
+def test_a_dump_that_never_returns_does_not_keep_the_rank_alive(tmp_path, monkeypatch):
+    # py-spy (or the storage the stacks go to) that never answers: the rank still exits, and the hang event that
+    # the recovery report needs is still made, saying the dump was not written
+    never = threading.Event()
+    monkeypatch.setattr(watchdog, "_py_spy", lambda: never.wait() and "")
+    wd, detected, exits = drive(tmp_path, {"step_timeout_s": 0.3}, steps=3, step_s=0.01, report_timeout_s=0.5)
+    never.set()
+    assert exits == [EXIT_STATUS] and 0.3 + 0.5 <= detected < 0.3 + 0.5 + 0.5
+    assert wd.hang["step"] == 4 and wd.hang["stack"] == "(not written within 0.5 s)"
+    assert wd.hang["where"].startswith("_stuck_in_a_collective (tests/test_watchdog.py:")
+    assert not (tmp_path / "run" / "hangs").exists()
 
 
 @pytest.mark.fast

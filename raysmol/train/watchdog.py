@@ -17,7 +17,9 @@ outside a collective over one inside (raysmol.rundir.recovery_report).
 
 On timeout it writes <run>/hangs/rank<r>-step<s>-<time>.txt (the Python stack of every thread, and `py-spy dump`,
 the tool Ray's own `ray stack` and dashboard use, where it is installed and allowed to attach), logs a `hang` event
-with the rank, step, window and the innermost frames it was stuck in, then exits with status 75.
+with the rank, step, window and the innermost frames it was stuck in, then exits with status 75. The report has
+REPORT_TIMEOUT_S: a dump that blocks (storage that does not answer, the progress actor gone) never keeps a hung rank
+alive, and py-spy reads the stacks without pausing the process (its pause would freeze the thread that times it).
 
 Limits: a thread that holds the GIL inside C code starves this thread too (Ray Train's worker health check is then
 the backstop); a rank blocked in the kernel with the GIL released (gloo, NCCL, I/O, a Ray call) is caught.
@@ -43,6 +45,7 @@ from raysmol.train.hooks import Context, Hook
 
 EXIT_STATUS = 75  # EX_TEMPFAIL: try again (Ray Train restarts the group)
 VICTIM_GRACE = 1.5  # x the bound, for a rank waiting in a collective on another
+REPORT_TIMEOUT_S = 45.0  # the dump's own bound: past it the rank exits with what was written
 _COLLECTIVES = (f"{os.sep}torch{os.sep}distributed{os.sep}", f"{os.sep}deepspeed{os.sep}comm{os.sep}")
 _STDLIB = sysconfig.get_paths()["stdlib"]
 _HOME = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the folder holding raysmol/
@@ -53,8 +56,9 @@ class Watchdog(Hook):
     """The loop hook (raysmol/train/hooks.py); first in the list, so its beats come before any other hook runs."""
 
     def __init__(self, cfg: WatchdogConfig, progress=None, exit_fn: Callable[[int], Any] = os._exit,
-                 poll_s: float = 1.0):
+                 poll_s: float = 1.0, report_timeout_s: float = REPORT_TIMEOUT_S):
         self.cfg, self.progress, self.exit_fn, self.poll_s = cfg, progress, exit_fn, poll_s
+        self.report_timeout_s = report_timeout_s
         self.window: tuple[str, int, float, float] | None = None  # (what, step, since, bound): one atomic swap
         self.hang: dict[str, Any] | None = None  # the event, once it fired
 
@@ -120,18 +124,28 @@ class Watchdog(Hook):
         return traceback.extract_stack(frame) if frame is not None else []
 
     def _report(self, what: str, step: int, stuck: float, bound: float) -> None:
-        ctx, stack = self._ctx, self._stack()
-        text = (f"rank {ctx.rank} (pid {os.getpid()}) made no progress for {stuck:.1f} s (bound {bound:.1f} s) "
-                f"in window {what!r} of step {step}\n\n{_all_threads()}\n{_py_spy()}")
+        """The dump (stacks to the run's storage) in a thread of its own, waited for at most report_timeout_s; then
+        the hang event, which the recovery report needs even when the dump could not be written."""
+        ctx, stack, since = self._ctx, self._stack(), time.time() - stuck
         path = storage.join(ctx.run_dir, "hangs", f"rank{ctx.rank}-step{step:08d}-{int(time.time())}.txt")
-        try:
-            storage.write_text(path, text)
-        except Exception as e:  # the dump must not stop the restart
-            path = f"(not written: {e})"
-        print(text, file=sys.stderr, flush=True)  # the worker's log too
+        box = {"path": f"(not written within {self.report_timeout_s:g} s)"}
+
+        def dump() -> None:
+            text = (f"rank {ctx.rank} (pid {os.getpid()}) made no progress for {stuck:.1f} s (bound {bound:.1f} s) "
+                    f"in window {what!r} of step {step}\n\n{_all_threads()}\n{_py_spy()}")
+            print(text, file=sys.stderr, flush=True)  # the worker's log too
+            try:
+                storage.write_text(path, text)
+                box["path"] = path
+            except Exception as e:  # the dump must not stop the restart
+                box["path"] = f"(not written: {e})"
+
+        thread = threading.Thread(target=dump, name="raysmol-watchdog-dump", daemon=True)
+        thread.start()
+        thread.join(self.report_timeout_s)
         event = {"event": "hang", "rank": ctx.rank, "step": step, "window": what, "stuck_s": round(stuck, 1),
-                 "bound_s": round(bound, 1), "since": time.time() - stuck, "where": where(stack), "collective": in_collective(stack), "stack": path,
-                 "time": time.time()}
+                 "bound_s": round(bound, 1), "since": since, "where": where(stack),
+                 "collective": in_collective(stack), "stack": box["path"], "time": time.time()}
         self.hang = event
         if self.progress is not None:
             import ray
@@ -180,7 +194,8 @@ def _py_spy() -> str:
     if not os.path.exists(exe):
         return "(py-spy not installed: Python stacks only)"
     try:
-        out = subprocess.run([exe, "dump", "--pid", str(os.getpid())], capture_output=True, text=True, timeout=30)
+        out = subprocess.run([exe, "dump", "--nonblocking", "--pid", str(os.getpid())], capture_output=True,
+                             text=True, timeout=20)
         return f"--- py-spy dump\n{out.stdout}{out.stderr}"
     except (OSError, subprocess.SubprocessError) as e:
         return f"(py-spy dump failed: {e})"
